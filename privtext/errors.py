@@ -1,0 +1,33 @@
+"""Typed library errors.
+
+Every error a user can cause carries a one-line message that names the fix. Messages never contain
+corpus text, tokens or vectors: callers pass positions (line numbers, field names), never content.
+"""
+
+
+class PrivtextError(Exception):
+    """Base class for errors the CLI turns into a one-line message and exit code 1."""
+
+
+class UsageError(PrivtextError):
+    """A bad combination of options or parameters (the CLI exits with code 2)."""
+
+
+class ParameterError(UsageError):
+    """A mechanism parameter or epsilon outside its valid range."""
+
+
+class InfeasibleEpsilonError(ParameterError):
+    """The requested epsilon cannot be reached by the mechanism on this index."""
+
+
+class EmbeddingError(PrivtextError):
+    """The embedding file is missing, unreadable or unusable."""
+
+
+class IndexCacheError(PrivtextError):
+    """The index cache is missing, corrupt or inconsistent."""
+
+
+class InputFormatError(PrivtextError):
+    """A record of the input cannot be processed (bad JSON, missing field, bad encoding)."""

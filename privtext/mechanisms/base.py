@@ -137,6 +137,9 @@ class Mechanism(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     reference: ClassVar[str]
+    # The guarantee in words, for listings; the exact statement for given ε, params and index
+    # is what `privacy_map` returns (and what the report prints).
+    guarantee_summary: ClassVar[str] = "see the report of a run for the exact statement"
     Params: ClassVar[type[MechanismParams]] = MechanismParams
 
     def __init__(self, index: EmbeddingIndex, epsilon: float, params: MechanismParams | None = None):

@@ -97,6 +97,9 @@ class TruncatedGumbelMechanism(Mechanism):
     summary = ("Gumbel noise on the distances to a Poisson-random number of nearest neighbours, "
                "argmin (density-aware)")
     reference = "Xu, Feyisetan, Aggarwal, Xu, Teissier. FLAIRS 2021"
+    guarantee_summary = ("metric DP at rate ε (Euclidean) as published, reconstructed formula; "
+                         "ε must exceed (2(1 + ln n) + 3)/Δ_min; does not hold beyond the "
+                         "neighbour-table width")
     Params = MechanismParams
 
     def __init__(self, index, epsilon, params=None):  # type: ignore[no-untyped-def]

@@ -38,6 +38,7 @@ class LaplaceMechanism(Mechanism):
     name = "laplace"
     summary = "multivariate Laplace noise on the word vector, then the nearest vocabulary word"
     reference = "Feyisetan, Balle, Drake, Diethe. WSDM 2020"
+    guarantee_summary = "metric DP at rate ε (Euclidean); per-token pure bound ε·Δ_max"
     Params = MechanismParams
 
     @classmethod

@@ -24,6 +24,10 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 
+class _PipeClosed(Exception):
+    """stdout's reader went away. Not an OSError, so click does not turn it into exit 1."""
+
+
 def _embedding_options(f: Any) -> Any:
     options = [
         click.option("--embeddings", default="default", show_default=True,
@@ -196,8 +200,11 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
     result = _open_index(pick("embeddings", embeddings), pick("embeddings_format", embeddings_format),
                          int(pick("vocab_size", vocab_size)), int(pick("neighbors", neighbors)),
                          cache_dir, trust_pickle, quiet=quiet)
-    outcome = run_perturb(list(inputs) or ["-"], output, settings, result.index,
-                          fmt=pick("format", fmt), progress=False if quiet else None)
+    try:
+        outcome = run_perturb(list(inputs) or ["-"], output, settings, result.index,
+                              fmt=pick("format", fmt), progress=False if quiet else None)
+    except BrokenPipeError:
+        raise _PipeClosed() from None
     report = report_mod.build_report(outcome)
     if report_path:
         from privtext.io import write_text_atomic
@@ -253,7 +260,7 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("Interrupted; no partial output file was left.", err=True)
         sys.exit(130)
-    except BrokenPipeError:
+    except (_PipeClosed, BrokenPipeError):
         # The reader went away (`| head`): stop quietly; point stdout at devnull so the
         # interpreter's final flush does not raise again.
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -310,6 +310,9 @@ def run_perturb(
     if len(fmts) != 1:
         raise UsageError("all inputs must have the same format; pass --format or convert them")
     fmt = fmts.pop()
+    for path in inputs:
+        if path != "-" and not os.path.isfile(path):
+            raise UsageError(f"input file not found: {path}; check the path or use - for stdin")
     mechanism = create(settings.mechanism, index, settings.epsilon, settings.params)
     mechanism.prepare()
     key = run_key(settings.seed)

@@ -93,7 +93,7 @@ class TextPerturber:
             words.extend(doc_words)
             per_doc.append(len(doc_words))
         counters.word_tokens = len(words)
-        counters.other_tokens = len(_OTHER_TOKEN.findall(_JOIN.join(texts)))
+        counters.other_tokens = len(_OTHER_TOKEN.findall("\n".join(texts)))
         if not words:
             counters.doc_hist = np.bincount(np.zeros(len(texts), np.int64), minlength=1)
             return list(texts), counters

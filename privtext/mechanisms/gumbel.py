@@ -163,3 +163,41 @@ class TruncatedGumbelMechanism(Mechanism):
         scores[np.arange(width)[None, :] >= k[:, None]] = np.inf
         choice = np.argmin(scores, axis=1)
         return np.asarray(self.index.neighbor_ids[ids, choice], dtype=np.int64)
+
+
+def output_distribution(distances: np.ndarray, scale: float, bound: float, lam: float,
+                        grid: int = 4001) -> np.ndarray:
+    """Exact P[output = column j] for one word by numerical integration over the truncated noise.
+
+    `distances` is the word's neighbour-table row (column 0 = itself, distance 0). For each
+    candidate count k, P(c wins | k) = ∫ f(g) Π_{j<k, j≠c} S(d_c + g − d_j) dg with the truncated
+    Gumbel density f and survival S; the result mixes these over k ~ Poisson(λ) | k ≥ 1, capped at
+    the row width exactly as the sampler caps it. Used by tests and the audit, not by sampling.
+    """
+    d = np.asarray(distances, dtype=np.float64)
+    width = len(d)
+    lo = math.exp(-math.exp(bound / scale)) if bound / scale < 700 else 0.0
+    hi = math.exp(-math.exp(-bound / scale))
+    mass = hi - lo
+    g = np.linspace(-bound, bound, grid)
+    density = np.exp(-g / scale - np.exp(-g / scale)) / (scale * mass)
+
+    def survival(y: np.ndarray) -> np.ndarray:
+        inside = np.clip(y, -bound, bound)
+        s = (hi - np.exp(-np.exp(-inside / scale))) / mass
+        return np.where(y < -bound, 1.0, np.where(y >= bound, 0.0, s))
+
+    # beat[c, j, :] = P(candidate j's score exceeds candidate c's score | g_c = g)
+    beat = survival(d[:, None, None] + g[None, None, :] - d[None, :, None])
+    cdf, _ = candidate_count_cdf(lam, width)
+    pmf_k = np.diff(np.concatenate([[0.0], cdf]))
+    pmf_k[-1] += 1.0 - cdf[-1]  # the cap: k > width behaves as k = width
+    probs = np.zeros(width)
+    for k in range(1, width + 1):
+        if pmf_k[k - 1] < 1e-300:
+            continue
+        sub = beat[:k, :k, :].copy()
+        sub[np.arange(k), np.arange(k), :] = 1.0
+        integrand = density[None, :] * np.prod(sub, axis=1)
+        probs[:k] += pmf_k[k - 1] * np.trapezoid(integrand, g, axis=1)
+    return probs / probs.sum()

@@ -1,0 +1,103 @@
+"""Truncated Gumbel (mechanisms.md §2): calibration, refusal, and the output distribution."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from privtext.errors import InfeasibleEpsilonError
+from privtext.mechanisms import create
+from privtext.mechanisms.gumbel import (
+    TruncatedGumbelMechanism,
+    epsilon_for_scale,
+    min_epsilon,
+    output_distribution,
+    scale_for_epsilon,
+    truncated_gumbel,
+)
+
+N, DMIN, DMAX = 91927, 0.3514, 25.34
+
+
+@pytest.mark.parametrize("epsilon", [79.5, 80.0, 100.0, 300.0, 1e3, 1e5, 1e9, 1e30])
+def test_epsilon_scale_round_trip(epsilon: float) -> None:
+    b = scale_for_epsilon(epsilon, N, DMIN, DMAX)
+    assert epsilon_for_scale(b, N, DMIN, DMAX) == pytest.approx(epsilon, rel=1e-9)
+
+
+def test_scale_decreases_as_epsilon_grows() -> None:
+    scales = [scale_for_epsilon(e, N, DMIN, DMAX) for e in (100.0, 300.0, 1e4, 1e8)]
+    assert all(a > b for a, b in zip(scales, scales[1:]))
+
+
+def test_infeasible_epsilon_is_refused_naming_the_minimum(glove_small) -> None:  # type: ignore[no-untyped-def]
+    geo = glove_small.geometry
+    floor = min_epsilon(geo.n, geo.delta_min)
+    assert floor == pytest.approx((2 * (1 + math.log(geo.n)) + 3) / geo.delta_min)
+    for eps in (1.0, floor * 0.999, floor):
+        with pytest.raises(InfeasibleEpsilonError, match=f"{floor:.6g}"):
+            create("gumbel", glove_small, eps, {})
+    create("gumbel", glove_small, floor * 1.01, {})
+
+
+def test_truncated_gumbel_stays_in_bounds_and_matches_its_cdf() -> None:
+    scale, bound = 2.0, 3.0
+    x = truncated_gumbel(np.random.default_rng(0), (50_000,), scale, bound)
+    assert x.min() >= -bound and x.max() <= bound
+    gumbel = stats.gumbel_r(scale=scale)
+    lo, hi = gumbel.cdf(-bound), gumbel.cdf(bound)
+    assert stats.kstest(x, lambda v: (gumbel.cdf(v) - lo) / (hi - lo)).pvalue > 0.01
+    wrong = truncated_gumbel(np.random.default_rng(0), (50_000,), scale * 1.3, bound)
+    assert stats.kstest(wrong, lambda v: (gumbel.cdf(v) - lo) / (hi - lo)).pvalue < 1e-6
+
+
+def _tiny_gumbel(index_factory):  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(11)
+    idx = index_factory(rng.normal(size=(9, 2)) * 1.2, neighbors=9)
+    # ε chosen so that b is comparable to the distances: the distribution is far from trivial.
+    eps = epsilon_for_scale(1.5, idx.n, idx.geometry.delta_min, idx.geometry.delta_max)
+    return idx, TruncatedGumbelMechanism(idx, eps)
+
+
+def _chi_square_pvalue(mech, idx, word: int, scale: float, draws: int, seed: int) -> float:  # type: ignore[no-untyped-def]
+    expected = output_distribution(idx.neighbor_dist[word], scale, idx.geometry.delta_max, mech.lam)
+    out = mech.perturb_ids(np.full(draws, word), np.random.default_rng(seed))
+    observed = np.bincount(out, minlength=idx.n)[idx.neighbor_ids[word]]
+    keep = expected * draws >= 5  # pool the sparse tail into one cell
+    obs = np.append(observed[keep], observed[~keep].sum())
+    exp = np.append(expected[keep], expected[~keep].sum()) * draws
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return float(stats.chisquare(obs, exp).pvalue)
+
+
+def test_output_frequencies_match_the_numerical_distribution(index_factory) -> None:  # type: ignore[no-untyped-def]
+    idx, mech = _tiny_gumbel(index_factory)
+    assert mech.scale == pytest.approx(1.5, rel=1e-9)
+    for word in (0, 4, 8):
+        assert _chi_square_pvalue(mech, idx, word, mech.scale, 100_000, seed=word) > 1e-3
+
+
+def test_frequency_test_rejects_a_wrong_noise_scale(index_factory) -> None:  # type: ignore[no-untyped-def]
+    idx, mech = _tiny_gumbel(index_factory)
+    # the sampler runs at b = 1.5; the test checks against the distribution of b 30% off
+    for wrong in (mech.scale * 1.3, mech.scale / 1.3):
+        assert _chi_square_pvalue(mech, idx, 0, wrong, 100_000, seed=1) < 1e-6
+
+
+def test_candidate_count_is_poisson_conditioned_and_capped(glove_small) -> None:  # type: ignore[no-untyped-def]
+    mech = create("gumbel", glove_small, 500.0, {})
+    k = mech.sample_counts(np.random.default_rng(2), 200_000)
+    assert k.min() >= 1 and k.max() <= glove_small.neighbors
+    lam = math.log(glove_small.n - 1)
+    assert mech.lam == pytest.approx(lam)
+    assert k.mean() == pytest.approx(lam / (1 - math.exp(-lam)), rel=0.01)
+    assert mech.derived()["candidate_cap_mass"] < 1e-20
+
+
+def test_guarantee_names_the_reconstruction_and_the_truncation(glove_small) -> None:  # type: ignore[no-untyped-def]
+    g = create("gumbel", glove_small, 500.0, {}).guarantee
+    assert g.kind == "metric" and g.rate == 500.0
+    text = " ".join(g.caveats)
+    assert "reconstructed" in text and "K = 64" in text and "unbounded" in text

@@ -155,6 +155,16 @@ class Mechanism(ABC):
     def privacy_map(cls, epsilon: float, params: MechanismParams, geometry: Geometry) -> Guarantee:
         """The guarantee this mechanism states for (ε, params, index geometry)."""
 
+    @classmethod
+    def feasible_epsilon(cls, params: MechanismParams, geometry: Geometry) -> tuple[float, float]:
+        """The open interval (low, high) of ε this mechanism accepts on an index.
+
+        Tools that search over ε (`privtext calibrate`) start inside it. The default is
+        (0, inf); a mechanism whose calibration only exists above a floor overrides this
+        (truncated Gumbel: ε must exceed ε_∞ of the index).
+        """
+        return 0.0, math.inf
+
     def derived(self) -> dict[str, Any]:
         """Values derived from ε and the index (e.g. a noise scale) for the report."""
         return {}

@@ -136,6 +136,10 @@ class TruncatedGumbelMechanism(Mechanism):
             ),
         )
 
+    @classmethod
+    def feasible_epsilon(cls, params: MechanismParams, geometry: Geometry) -> tuple[float, float]:
+        return min_epsilon(geometry.n, geometry.delta_min), math.inf
+
     def derived(self) -> dict[str, Any]:
         geo = self.index.geometry
         return {

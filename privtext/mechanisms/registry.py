@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from privtext.mechanisms.base import Mechanism
 
 _REGISTRY: dict[str, type[Mechanism]] = {}
-_BUILTINS = ("laplace", "gumbel")
+_BUILTINS = ("laplace", "gumbel", "tem", "mahalanobis", "vickrey", "density", "santext", "custext")
 _loaded = False
 
 

@@ -1,0 +1,226 @@
+"""CusText (`custext`): Chen, Li, Wu, Lin, Wang, Xu. Findings of ACL 2023.
+
+Contract: mechanisms.md §8.
+
+The vocabulary is partitioned once per index into groups of K words: walking the words in
+frequency order (row order), each word not yet assigned and its K − 1 nearest unassigned words
+form a group (the last group holds what is left, n mod K words when K does not divide n). A word
+is replaced by a word of its own group, by the exponential mechanism with the normalised utility
+
+    u(x, y) = −(d(x, y) − d_min(x)) / (d_max(x) − d_min(x)) ∈ [−1, 0],
+    d_min(x), d_max(x) = min, max of d(x, y') over y' in x's group,
+
+so P[y | x] ∝ exp(ε · u(x, y) / 2). The utility range is 1, hence pure ε-DP between any two words
+of the same group. The group itself is a deterministic function of the input: words of different
+groups are distinguishable.
+
+The partition uses the exact neighbour table while a word's row still holds K − 1 unassigned
+words (the row is sorted, so those are its nearest unassigned words overall) and an exact
+float64 search over the unassigned words otherwise. It and the float64 distances from each word to
+the members of its group are cached with the index (`derived_artifact`) and memory-mapped, so the
+sampler is a gather of K distances per token and a Gumbel-max over K scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from privtext.errors import ParameterError
+from privtext.index import EmbeddingIndex, Geometry
+from privtext.mechanisms.base import Guarantee, Mechanism, MechanismParams, param
+from privtext.mechanisms.registry import register
+from privtext.mechanisms.sampling import standard_gumbel
+
+PARTITION_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CusTextParams(MechanismParams):
+    K: int = param(20, "group size: each word is replaced by one of the K words of its group",
+                   min=2)
+
+    def validate(self, geometry: Geometry) -> None:
+        super().validate(geometry)
+        if self.K > geometry.n:
+            raise ParameterError(
+                f"--param K={self.K} is larger than the vocabulary; valid: [2, {geometry.n}]"
+            )
+
+
+def build_partition(index: EmbeddingIndex, k: int) -> np.ndarray:
+    """(groups, k) int32 member ids, −1 padded, in the order groups were formed."""
+    n = index.n
+    vectors = np.asarray(index.vectors, dtype=np.float64)
+    table = np.asarray(index.neighbor_ids)
+    assigned = np.zeros(n, dtype=bool)
+    groups = np.full((-(-n // k), k), -1, dtype=np.int32)
+    g = 0
+    for anchor in range(n):  # once per index, in the parent; each pass forms one group
+        if assigned[anchor]:
+            continue
+        row = table[anchor]
+        free = row[~assigned[row]]  # sorted by distance, anchor first
+        if len(free) >= k:
+            members = free[:k]
+        else:
+            # The row ran out of unassigned words: exact search over all unassigned words,
+            # ties broken by id so the partition is deterministic.
+            cand = np.flatnonzero(~assigned)
+            d = np.linalg.norm(vectors[cand] - vectors[anchor], axis=1)
+            take = min(k, len(cand))
+            if take < len(cand):
+                part = np.argpartition(d, take - 1)[:take]
+                cutoff = d[part].max()
+                part = np.flatnonzero(d <= cutoff)
+            else:
+                part = np.arange(len(cand))
+            order = np.lexsort((cand[part], d[part]))[:take]
+            members = cand[part][order]
+        assigned[members] = True
+        groups[g, : len(members)] = members
+        g += 1
+    return groups[:g]
+
+
+def build_member_distances(index: EmbeddingIndex, groups: np.ndarray) -> np.ndarray:
+    """(n, k) float64: d(x, members of x's group), aligned with its group row, inf as padding."""
+    n, k = index.n, groups.shape[1]
+    vectors = np.asarray(index.vectors, dtype=np.float64)
+    group_of = group_index(groups, n)
+    out = np.empty((n, k), dtype=np.float64)
+    for start in range(0, n, 8192):
+        x = np.arange(start, min(start + 8192, n))
+        members = groups[group_of[x]]
+        diff = vectors[np.maximum(members, 0)] - vectors[x][:, None, :]
+        d = np.sqrt(np.einsum("tkm,tkm->tk", diff, diff))
+        d[members < 0] = np.inf
+        d[members == x[:, None]] = 0.0
+        out[x] = d
+    return out
+
+
+def group_index(groups: np.ndarray, n: int) -> np.ndarray:
+    """The group of every word, from the member table."""
+    group_of = np.full(n, -1, dtype=np.int64)
+    rows = np.repeat(np.arange(len(groups)), groups.shape[1]).reshape(groups.shape)
+    valid = groups >= 0
+    group_of[groups[valid]] = rows[valid]
+    return group_of
+
+
+def group_sizes_for(n: int, k: int) -> tuple[int, int]:
+    """(number of groups, size of the last group) of a partition of n words into groups of k."""
+    return -(-n // k), (n % k) or k
+
+
+@register
+class CusTextMechanism(Mechanism):
+    name = "custext"
+    summary = ("partition the vocabulary into groups of K near words; exponential mechanism "
+               "with normalised distance utility inside the group")
+    reference = "Chen, Li, Wu, Lin, Wang, Xu. Findings of ACL 2023"
+    guarantee_summary = ("pure ε-DP between words of the same group; words of different groups "
+                         "are distinguishable")
+    Params = CusTextParams
+
+    def __init__(self, index, epsilon, params=None):  # type: ignore[no-untyped-def]
+        super().__init__(index, epsilon, params)
+        self._groups: np.ndarray | None = None
+        self._member_dist: np.ndarray | None = None
+        self._group_of: np.ndarray | None = None
+
+    @property
+    def k(self) -> int:
+        return int(self.params.K)  # type: ignore[attr-defined]
+
+    @classmethod
+    def privacy_map(cls, epsilon: float, params: MechanismParams, geometry: Geometry) -> Guarantee:
+        assert isinstance(params, CusTextParams)
+        count, last = group_sizes_for(geometry.n, params.K)
+        caveats = [
+            "the output is always a word of the input's group, so it reveals which group the "
+            "input belongs to",
+            "the partition comes from the public embedding only (frequency order and distances)",
+        ]
+        if last == 1:
+            caveats.append("the last group holds a single word, which is always output unchanged")
+        return Guarantee(
+            kind="pure",
+            rate=epsilon,
+            metric=None,
+            per_token_pure_bound=None,
+            statement=(f"pure ε-DP between words of the same group (ε = {epsilon:g}); words of "
+                       "different groups are distinguishable"),
+            conditions=(
+                f"{count} groups of K = {params.K} words (the last holds {last}), formed in "
+                "frequency order from each word's nearest unassigned words",
+                "P[y|x] ∝ exp(ε·u(x, y)/2) over x's group with u = −(d − d_min)/(d_max − d_min) "
+                "∈ [−1, 0]",
+                f"within a group the per-token pure bound is ε = {epsilon:g}; across groups there "
+                "is none",
+            ),
+            caveats=tuple(caveats),
+        )
+
+    def _artifacts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._groups is None or self._member_dist is None or self._group_of is None:
+            key = {"K": self.k, "version": PARTITION_VERSION}
+            groups = self.index.derived_artifact(
+                "custext-groups", key, lambda index: build_partition(index, self.k))
+            self._member_dist = self.index.derived_artifact(
+                "custext-member-distances", key,
+                lambda index: build_member_distances(index, np.asarray(groups)))
+            self._group_of = group_index(np.asarray(groups), self.index.n)
+            self._groups = groups
+        return self._groups, self._member_dist, self._group_of
+
+    def prepare(self) -> None:
+        self._artifacts()
+
+    def derived(self) -> dict[str, Any]:
+        groups, _, _ = self._artifacts()
+        sizes = (np.asarray(groups) >= 0).sum(axis=1)
+        return {
+            "group_size_K": self.k,
+            "groups": len(sizes),
+            "smallest_group": int(sizes.min()),
+            "largest_group": int(sizes.max()),
+            "singleton_groups": int((sizes == 1).sum()),
+        }
+
+    def group_of(self, ids: np.ndarray) -> np.ndarray:
+        """The group number of each word id (public: it is what the output reveals)."""
+        return self._artifacts()[2][np.asarray(ids, dtype=np.int64)]
+
+    def _scores(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        groups, member_dist, group_of = self._artifacts()
+        dist = np.asarray(member_dist[ids], dtype=np.float64)
+        members = np.asarray(groups[group_of[ids]], dtype=np.int64)
+        real = members >= 0
+        d_min = np.where(real, dist, np.inf).min(axis=1, keepdims=True)
+        d_max = np.where(real, dist, -np.inf).max(axis=1, keepdims=True)
+        spread = d_max - d_min
+        # A one-word group has no spread: its only member (the word itself) has utility 0.
+        utility = -(dist - d_min) / np.where(spread > 0, spread, 1.0)
+        scores = np.where(real, self.epsilon / 2.0 * utility, -np.inf)
+        return scores, members
+
+    def probabilities(self, word: int) -> np.ndarray:
+        """Exact output distribution of `word` over the vocabulary (for audits and tests)."""
+        scores, members = self._scores(np.array([word], dtype=np.int64))
+        weights = np.exp(scores[0] - scores[0].max())
+        out = np.zeros(self.index.n)
+        real = members[0] >= 0
+        out[members[0][real]] = weights[real] / weights[real].sum()
+        return out
+
+    def perturb_ids(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) == 0:
+            return ids.copy()
+        scores, members = self._scores(ids)
+        choice = np.argmax(scores + standard_gumbel(rng, scores.shape), axis=1)
+        return members[np.arange(len(ids)), choice]

@@ -1,0 +1,235 @@
+"""Exact sampling from a categorical distribution over a whole (contiguous) range of the vocabulary.
+
+Used by `santext`, `density` (exact sampler) and `tem` when L_x is wider than the neighbour table.
+For an input word x the candidates are the ids y in [lo, hi) and
+
+    P[y | x] ∝ exp(log_prior(y) − scale · min(d(x, y), clamp))
+
+(log_prior ≡ 0 and clamp = ∞ unless given). Gumbel-max over ~92k scores per token is far too
+slow, so the same distribution is drawn by inverse CDF instead:
+
+1. Tokens are grouped by word id: each distinct word's weight row w_x(y) is built once per chunk
+   (rows of the most frequent words, the lowest ids, are also kept in a bounded per-process
+   cache), then every token of that word consumes one open uniform U ∈ (0, 1).
+2. Distances come from one float64 matrix product of augmented, centred vectors,
+   [−2φ̃(x), ‖φ̃(x)‖², 1] · [φ̃(y); 1; ‖φ̃(y)‖²] = ‖φ̃(x) − φ̃(y)‖² (φ̃ = φ − centroid, which keeps
+   the cancellation error near 1e-14 in d²; the self-distance is set to exactly 0).
+3. The row is shifted by its maximum before exp, so weights lie in (0, 1] and the shift cancels
+   in the normalisation.
+4. The output is the first y with cumulative weight C(y) > U · C(total): the inverse CDF of the
+   categorical distribution, so P[output = y] = w_x(y) / Σ w_x exactly (up to float64 rounding,
+   about 1e-16 of the total per word, the same order as Gumbel-max in float64). The cumulative
+   sum is taken in two levels — block totals of 256 words, then a cumulative sum inside the one
+   block that holds the target — which is the same inverse CDF with a different summation order,
+   and avoids a sequential cumulative sum over every row.
+
+Nothing here loops over tokens in Python and nothing is n × n: memory is one (64, n) float64
+work buffer plus the cache (at most `cache_bytes`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from privtext.index import EmbeddingIndex
+from privtext.mechanisms.sampling import open_uniform
+
+BLOCK = 256
+_WORD_BATCH = 64
+_TOKEN_SLICE = 8192
+DEFAULT_CACHE_BYTES = 256 << 20
+AUGMENTED_ARTIFACT = "augmented-centred-vectors"
+
+
+def _build_augmented(index: EmbeddingIndex) -> np.ndarray:
+    v = np.asarray(index.vectors, dtype=np.float64)
+    v = v - v.mean(axis=0)
+    out = np.empty((v.shape[1] + 2, v.shape[0]), dtype=np.float64)
+    out[:-2] = v.T
+    out[-2] = 1.0
+    out[-1] = np.einsum("ij,ij->i", v, v)
+    return out
+
+
+def augmented_vectors(index: EmbeddingIndex) -> np.ndarray:
+    """(m + 2, n) float64 [φ̃; 1; ‖φ̃‖²] columns, cached with the index and memory-mapped, so
+    worker processes share one copy."""
+    return index.derived_artifact(AUGMENTED_ARTIFACT, {"version": 1}, _build_augmented)
+
+
+def squared_distances(aug: np.ndarray, words: np.ndarray, lo: int, hi: int,
+                      out: np.ndarray | None = None, clamp_negative: bool = True) -> np.ndarray:
+    """‖φ(x) − φ(y)‖² in float64 for x in `words`, y in [lo, hi); exactly 0 for y = x."""
+    cols = np.asarray(aug[:, words], dtype=np.float64)
+    query = np.empty((len(words), aug.shape[0]), dtype=np.float64)
+    query[:, :-2] = -2.0 * cols[:-2].T
+    query[:, -2] = cols[-1]
+    query[:, -1] = 1.0
+    if out is None:
+        out = np.empty((len(words), hi - lo), dtype=np.float64)
+    np.matmul(query, aug[:, lo:hi], out=out)
+    inside = np.flatnonzero((words >= lo) & (words < hi))
+    out[inside, words[inside] - lo] = 0.0
+    if clamp_negative:
+        np.maximum(out, 0.0, out=out)
+    return out
+
+
+def rounding_can_go_negative(index: EmbeddingIndex) -> bool:
+    """Whether float64 rounding (about 1e-16 · 4 max‖φ‖² in d²) could make the squared distance
+    of two distinct words negative. Distinct words are at least Δ_min apart, so on real
+    embeddings it cannot, and the clamping pass over every row can be skipped."""
+    geo = index.geometry
+    return geo.delta_min**2 <= 1e-9 * (2.0 * geo.max_norm) ** 2
+
+
+def search_rows(table: np.ndarray, rows: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """For each token, the first column j of table[rows[i]] (non-decreasing) with value > target,
+    capped at the last column: a binary search vectorised over tokens."""
+    width = table.shape[1]
+    flat = table.reshape(-1)
+    base = rows.astype(np.int64) * width
+    lo = np.zeros(len(rows), dtype=np.int64)
+    hi = np.full(len(rows), width - 1, dtype=np.int64)
+    for _ in range(max(1, math.ceil(math.log2(width)) + 1)):
+        mid = (lo + hi) >> 1
+        right = flat[base + mid] <= targets
+        lo = np.where(right, mid + 1, lo)
+        hi = np.where(right, hi, mid)
+    return np.minimum(lo, width - 1)
+
+
+class FullVocabularySampler:
+    """Draws y ∈ [lo, hi) with P[y | x] ∝ exp(log_prior(y) − scale · min(d(x, y), clamp))."""
+
+    def __init__(self, index: EmbeddingIndex, scale: float, *, lo: int = 0, hi: int | None = None,
+                 log_prior: np.ndarray | None = None, clamp: float | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+        self.index = index
+        self.scale = float(scale)
+        self.lo = int(lo)
+        self.hi = int(index.n if hi is None else hi)
+        if not 0 <= self.lo < self.hi <= index.n:
+            raise ValueError("candidate range must be a non-empty part of the vocabulary")
+        self.log_prior = log_prior
+        self.clamp = clamp
+        self._clamp_negative = rounding_can_go_negative(index)
+        self.width = self.hi - self.lo
+        self.blocks = -(-self.width // BLOCK)
+        self.padded = self.blocks * BLOCK
+        row_bytes = 8 * (self.padded + self.blocks)
+        self.cache_words = int(min(index.n, max(0, cache_bytes // row_bytes)))
+        self._aug: np.ndarray | None = None
+        self._buffer: np.ndarray | None = None
+        self._buffer_cdf: np.ndarray | None = None
+        self._cache_weights: np.ndarray | None = None
+        self._cache_cdf: np.ndarray | None = None
+        self._cached: np.ndarray | None = None
+
+    def prepare(self) -> None:
+        augmented_vectors(self.index)
+
+    @property
+    def aug(self) -> np.ndarray:
+        if self._aug is None:
+            self._aug = augmented_vectors(self.index)
+        return self._aug
+
+    # -- the distribution -----------------------------------------------------------------------
+
+    def _fill_weights(self, words: np.ndarray, weights: np.ndarray, cdf: np.ndarray) -> None:
+        """Unnormalised weights of each word's row into weights[:len(words)] (padding columns
+        stay 0) and the cumulative block totals into cdf[:len(words)]."""
+        b = len(words)
+        row = weights[:b, : self.width]
+        squared_distances(self.aug, words, self.lo, self.hi, out=row,
+                          clamp_negative=self._clamp_negative)
+        np.sqrt(row, out=row)
+        if self.clamp is not None:
+            np.minimum(row, self.clamp, out=row)
+        row *= -self.scale
+        if self.log_prior is not None:
+            row += self.log_prior[self.lo : self.hi]
+        row -= row.max(axis=1, keepdims=True)
+        np.exp(row, out=row)
+        np.cumsum(weights[:b].reshape(b, self.blocks, BLOCK).sum(axis=2), axis=1, out=cdf[:b])
+
+    def probabilities(self, word: int) -> np.ndarray:
+        """The exact output distribution of `word` over [lo, hi) (normalised, float64)."""
+        weights = np.zeros((1, self.padded))
+        cdf = np.empty((1, self.blocks))
+        self._fill_weights(np.array([word], dtype=np.int64), weights, cdf)
+        return weights[0, : self.width] / weights[0, : self.width].sum()
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    def _draw(self, weights: np.ndarray, cdf: np.ndarray, rows: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """Inverse CDF for tokens whose weight rows are weights[rows]: candidate offsets."""
+        out = np.empty(len(rows), dtype=np.int64)
+        flat = weights.reshape(-1)
+        offsets = np.arange(BLOCK)
+        for start in range(0, len(rows), _TOKEN_SLICE):
+            r = rows[start : start + _TOKEN_SLICE]
+            target = u[start : start + _TOKEN_SLICE] * cdf[r, -1]
+            block = search_rows(cdf, r, target)
+            before = np.where(block > 0, cdf[r, np.maximum(block - 1, 0)], 0.0)
+            residual = target - before
+            segment = flat[(r * self.padded + block * BLOCK)[:, None] + offsets]
+            np.cumsum(segment, axis=1, out=segment)
+            pos = (segment <= residual[:, None]).sum(axis=1)
+            # Rounding between the block total and the in-block sum can push pos one past the
+            # block's last word (probability ~1e-16); keep it on a real word.
+            valid = np.minimum(BLOCK, self.width - block * BLOCK)
+            out[start : start + _TOKEN_SLICE] = block * BLOCK + np.minimum(pos, valid - 1)
+        return out
+
+    def _ensure_cached(self, words: np.ndarray) -> None:
+        if self._cache_weights is None:
+            # np.zeros maps untouched pages lazily: only rows actually filled become resident.
+            self._cache_weights = np.zeros((self.cache_words, self.padded))
+            self._cache_cdf = np.zeros((self.cache_words, self.blocks))
+            self._cached = np.zeros(self.cache_words, dtype=bool)
+        assert self._cache_cdf is not None and self._cached is not None
+        missing = words[~self._cached[words]]
+        for start in range(0, len(missing), _WORD_BATCH):
+            batch = missing[start : start + _WORD_BATCH]
+            weights, cdf = self._work_buffers()
+            self._fill_weights(batch, weights, cdf)
+            self._cache_weights[batch] = weights[: len(batch)]
+            self._cache_cdf[batch] = cdf[: len(batch)]
+            self._cached[batch] = True
+
+    def _work_buffers(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._buffer is None:
+            self._buffer = np.zeros((_WORD_BATCH, self.padded))
+            self._buffer_cdf = np.empty((_WORD_BATCH, self.blocks))
+        assert self._buffer_cdf is not None
+        return self._buffer, self._buffer_cdf
+
+    def sample(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One draw per token; returns vocabulary ids in [lo, hi). Consumes exactly one open
+        uniform per token, in token order, whatever the cache holds."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.empty(len(ids), dtype=np.int64)
+        if len(ids) == 0:
+            return out
+        u = open_uniform(rng, len(ids))
+        words, inverse = np.unique(ids, return_inverse=True)
+        n_cached = int(np.searchsorted(words, self.cache_words))  # words is sorted: a prefix
+        if n_cached:
+            self._ensure_cached(words[:n_cached])
+            assert self._cache_weights is not None and self._cache_cdf is not None
+            tok = np.flatnonzero(inverse < n_cached)
+            out[tok] = self._draw(self._cache_weights, self._cache_cdf, ids[tok], u[tok])
+        if n_cached < len(words):
+            order = np.argsort(inverse, kind="stable")
+            bounds = np.searchsorted(inverse[order], np.arange(len(words) + 1))
+            weights, cdf = self._work_buffers()
+            for a in range(n_cached, len(words), _WORD_BATCH):
+                b = min(a + _WORD_BATCH, len(words))
+                self._fill_weights(words[a:b], weights, cdf)
+                tok = order[bounds[a] : bounds[b]]
+                out[tok] = self._draw(weights, cdf, inverse[tok] - a, u[tok])
+        return out + self.lo

@@ -58,7 +58,7 @@ class DensityParams(MechanismParams):
     chain: int | None = param(None, f"Metropolis–Hastings steps per token (default {DEFAULT_CHAIN}; "
                                     "sampler=mh only)", min=1, max=100_000)
     bandwidth: float | None = param(None, "kernel bandwidth h of the density estimate (default: "
-                                          "Scott's rule)", min=0.0, min_open=True)
+                                          "Scott's rule)", min=0, min_open=True)
 
     def validate(self, geometry: Geometry) -> None:
         super().validate(geometry)

@@ -43,7 +43,7 @@ def check_lambda(lam: float) -> None:
 class MahalanobisParams(MechanismParams):
     lam: float = param(DEFAULT_LAMBDA, "λ: weight of the vocabulary covariance in the noise shape "
                                        "λΣ + (1 − λ)I (0 is isotropic Laplace)",
-                       min=0.0, max=1.0, max_open=True)
+                       min=0, max=1, max_open=True)
 
     def validate(self, geometry: Geometry) -> None:
         check_lambda(self.lam)

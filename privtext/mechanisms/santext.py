@@ -45,10 +45,10 @@ class SanTextParams(MechanismParams):
                               "sensitive; other words are replaced with probability p")
     w: float | None = param(None, "SanText+ sensitive fraction of the vocabulary, least frequent "
                                   f"rows (default {DEFAULT_SENSITIVE_FRACTION} with plus=true)",
-                            min=0.0, max=1.0, min_open=True)
+                            min=0, max=1, min_open=True)
     p: float | None = param(None, "SanText+ probability of replacing a non-sensitive word "
                                   f"(default {DEFAULT_REPLACE_PROBABILITY} with plus=true)",
-                            min=0.0, max=1.0, min_open=True)
+                            min=0, max=1, min_open=True)
 
     def validate(self, geometry: Geometry) -> None:
         super().validate(geometry)

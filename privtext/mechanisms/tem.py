@@ -47,7 +47,7 @@ from privtext.mechanisms.sampling import standard_gumbel
 @dataclass(frozen=True)
 class TemParams(MechanismParams):
     beta: float = param(0.001, "bound on the probability that the output falls outside the "
-                               "threshold set L_x (it sets γ)", min=0.0, max=1.0,
+                               "threshold set L_x (it sets γ)", min=0, max=1,
                         min_open=True, max_open=True)
 
     def validate(self, geometry: Geometry) -> None:

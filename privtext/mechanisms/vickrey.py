@@ -36,11 +36,11 @@ from privtext.mechanisms.sampling import open_uniform
 @dataclass(frozen=True)
 class VickreyParams(MechanismParams):
     t: float = param(0.75, "weight towards the second-nearest word: w₂ is output with "
-                           "probability t·d₁/(t·d₁ + (1 − t)·d₂)", min=0.0, max=1.0)
+                           "probability t·d₁/(t·d₁ + (1 − t)·d₂)", min=0, max=1)
     base: str = param("laplace", "the noise of the base mechanism",
                       choices=("laplace", "mahalanobis"))
     lam: float | None = param(None, f"λ of the mahalanobis base (default {DEFAULT_LAMBDA})",
-                              min=0.0, max=1.0, max_open=True)
+                              min=0, max=1, max_open=True)
 
     def validate(self, geometry: Geometry) -> None:
         if self.lam is not None:

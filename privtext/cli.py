@@ -266,3 +266,222 @@ def main() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(0)
+
+
+# --- choosing ε by measured privacy and utility: stats, calibrate, evaluate ------------------
+
+
+def _float_list(text: str, option: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{option} expects comma-separated numbers such as 1,5,10") from None
+    if not values:
+        raise UsageError(f"{option} expects at least one number")
+    return values
+
+
+def _write_or_echo(path: str | None, text: str) -> None:
+    if path is None:
+        return
+    from privtext.io import write_text_atomic
+
+    write_text_atomic(path, text)
+
+
+@cli.command("stats")
+@click.option("--mechanism", required=True, help="See: privtext mechanisms.")
+@click.option("--epsilon", "epsilons", required=True, metavar="E1,E2,...", help="ε values to measure.")
+@click.option("--param", "param_pairs", multiple=True, metavar="KEY=VALUE",
+              help="Mechanism parameter (repeatable).")
+@_embedding_options
+@click.option("--sample", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Vocabulary words sampled (stratified by frequency-rank decade).")
+@click.option("--draws", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Draws R per sampled word.")
+@click.option("--seed", default=None, help="Reproducible sample and draws (default: OS entropy).")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+@click.option("--csv", "csv_path", default=None, help="Write tidy CSV rows here.")
+@click.option("--plot", "plot_path", default=None, help="Write a PNG plot here (needs privtext[plot]).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+def stats_cmd(mechanism: str, epsilons: str, param_pairs: tuple[str, ...], embeddings: str,
+              embeddings_format: str, vocab_size: int, neighbors: int, cache_dir: Path | None,
+              trust_pickle: bool, sample: int, draws: int, seed: str | None, as_json: bool,
+              csv_path: str | None, plot_path: str | None, quiet: bool) -> None:
+    """Plausible deniability per ε: N_w (share unchanged) and S_w (distinct outputs)."""
+    from privtext import stats
+    from privtext.mechanisms import get
+
+    values = _float_list(epsilons, "--epsilon")
+    get(mechanism)
+    if plot_path:
+        stats.require_matplotlib()  # fail before the sampling, not after
+    index = _open_index(embeddings, embeddings_format, vocab_size, neighbors, cache_dir,
+                        trust_pickle, quiet=quiet).index
+    result = stats.run_stats(index, mechanism, values, _parse_param_pairs(param_pairs), sample,
+                             draws, seed, progress=False if quiet else None)
+    _write_or_echo(csv_path, stats.rows_to_csv(result.rows()))
+    if plot_path:
+        stats.plot_stats(result, plot_path)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else stats.format_table(result), nl=as_json)
+
+
+@cli.command("calibrate")
+@click.option("--mechanism", required=True, help="See: privtext mechanisms.")
+@click.option("--target-unchanged", type=float, default=None,
+              help="Target median N_w: share of draws that return the word itself.")
+@click.option("--target-support", type=float, default=None,
+              help="Target median S_w: distinct outputs in --draws draws.")
+@click.option("--param", "param_pairs", multiple=True, metavar="KEY=VALUE",
+              help="Mechanism parameter (repeatable).")
+@_embedding_options
+@click.option("--sample", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Vocabulary words sampled (stratified by frequency-rank decade).")
+@click.option("--draws", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Draws R per sampled word.")
+@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=0.01,
+              show_default=True, help="Bisection stops when log(ε − ε_low) is known this well.")
+@click.option("--seed", default=None, help="Reproducible sample and draws (default: OS entropy).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (key 'epsilon').")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+def calibrate_cmd(mechanism: str, target_unchanged: float | None, target_support: float | None,
+                  param_pairs: tuple[str, ...], embeddings: str, embeddings_format: str,
+                  vocab_size: int, neighbors: int, cache_dir: Path | None, trust_pickle: bool,
+                  sample: int, draws: int, tolerance: float, seed: str | None, as_json: bool,
+                  quiet: bool) -> None:
+    """Find the ε at which the median N_w (or S_w) reaches a target."""
+    from privtext.calibrate import calibrate
+    from privtext.mechanisms import get
+
+    if (target_unchanged is None) == (target_support is None):
+        raise UsageError("give exactly one of --target-unchanged or --target-support")
+    get(mechanism)
+    statistic, target = (("unchanged", target_unchanged) if target_unchanged is not None
+                         else ("support", target_support))
+    index = _open_index(embeddings, embeddings_format, vocab_size, neighbors, cache_dir,
+                        trust_pickle, quiet=quiet).index
+    result = calibrate(index, mechanism, statistic, float(target),  # type: ignore[arg-type]
+                       _parse_param_pairs(param_pairs), sample, draws, seed, tolerance,
+                       progress=False if quiet else None)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    s = result.stats.summary()
+    label = "N_w" if statistic == "unchanged" else "S_w"
+    click.echo(f"epsilon = {result.epsilon:.6g}")
+    click.echo(f"  {mechanism}: median {label} = {result.achieved:.4g} (target {result.target:g}); "
+               f"ε bracket [{result.bracket[0]:.6g}, {result.bracket[1]:.6g}] after "
+               f"{result.evaluations} measurements of {result.sample} words × {result.draws} draws")
+    for key, name in (("unchanged", "N_w"), ("support", "S_w")):
+        d = s[key]
+        click.echo(f"  {name}: p5 {d['p5']:.3g}, p25 {d['p25']:.3g}, median {d['p50']:.3g}, "
+                   f"p75 {d['p75']:.3g}, p95 {d['p95']:.3g}, mean {d['mean']:.3g}")
+
+
+def _per_mechanism(pairs: tuple[str, ...], names: list[str], option: str) -> dict[str, dict[str, str]]:
+    """--param NAME.KEY=VALUE (or KEY=VALUE when one mechanism is listed) → {name: {key: value}}."""
+    out: dict[str, dict[str, str]] = {n: {} for n in names}
+    for key, value in _parse_param_pairs(pairs).items():
+        name, dot, pkey = key.partition(".")
+        if dot and name in out:
+            out[name][pkey] = value
+        elif len(names) == 1:
+            out[names[0]][key] = value
+        else:
+            raise UsageError(f"{option} {key}=…: with several mechanisms write NAME.KEY=VALUE "
+                             f"(NAME one of {', '.join(names)})")
+    return out
+
+
+@cli.command("evaluate")
+@click.option("--data", "data_path", required=True, help="Labelled records: JSONL, CSV or TSV.")
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--label-field", default="label", show_default=True)
+@click.option("--test", "test_path", default=None, help="Separate test records (same fields).")
+@click.option("--test-fraction", type=float, default=None,
+              help="Hold out this stratified share of --data for testing (default 0.2).")
+@click.option("--mechanisms", "mechanism_list", required=True, metavar="A,B,...|all",
+              help="Mechanisms to compare ('all': every registered one).")
+@click.option("--epsilon", "epsilon_specs", multiple=True, metavar="[NAME=]E1,E2,...",
+              help="ε values for every mechanism, or NAME=... for one (repeatable).")
+@click.option("--match-unchanged", default=None, metavar="P1,P2,...",
+              help="Choose each mechanism's ε so its median N_w is P (via calibrate).")
+@click.option("--param", "param_pairs", multiple=True, metavar="NAME.KEY=VALUE",
+              help="Mechanism parameter (repeatable; KEY=VALUE when one mechanism is listed).")
+@_embedding_options
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Independent perturbations of the training set per setting.")
+@click.option("--oov", type=click.Choice(["mask", "drop", "keep"]), default="mask", show_default=True,
+              help="Out-of-vocabulary words in the training text.")
+@click.option("--sample", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Words sampled for the N_w statistics and calibration.")
+@click.option("--draws", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Draws per sampled word for the N_w statistics and calibration.")
+@click.option("--seed", default=None, help="Reproducible split and noise (default: OS entropy).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--csv", "csv_path", default=None, help="Write the result rows as CSV here.")
+@click.option("--plot", "plot_path", default=None, help="Write the accuracy–N_w plot (PNG) here.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+def evaluate_cmd(data_path: str, text_field: str, label_field: str, test_path: str | None,
+                 test_fraction: float | None, mechanism_list: str, epsilon_specs: tuple[str, ...],
+                 match_unchanged: str | None, param_pairs: tuple[str, ...], embeddings: str,
+                 embeddings_format: str, vocab_size: int, neighbors: int, cache_dir: Path | None,
+                 trust_pickle: bool, repeats: int, oov: str, sample: int, draws: int,
+                 seed: str | None, as_json: bool, csv_path: str | None, plot_path: str | None,
+                 quiet: bool) -> None:
+    """Train a classifier on perturbed text, test on clean text: utility against privacy."""
+    from privtext import evaluate as ev
+    from privtext.mechanisms import available, get
+    from privtext.randomness import run_key
+
+    ev.require_sklearn()
+    if plot_path:
+        from privtext.stats import require_matplotlib
+
+        require_matplotlib()
+    names = (list(available()) if mechanism_list.strip() == "all"
+             else [n.strip() for n in mechanism_list.split(",") if n.strip()])
+    for name in names:
+        get(name)
+    if bool(epsilon_specs) == (match_unchanged is not None):
+        raise UsageError("give either --epsilon or --match-unchanged")
+    if test_path is not None and test_fraction is not None:
+        raise UsageError("give either --test or --test-fraction, not both")
+    params = _per_mechanism(param_pairs, names, "--param")
+    epsilons: dict[str, list[float]] = {}
+    for spec in epsilon_specs:
+        name, sep, rest = spec.partition("=")
+        if sep:
+            if name.strip() not in names:
+                raise UsageError(f"--epsilon {name.strip()}=…: that mechanism is not in --mechanisms")
+            epsilons.setdefault(name.strip(), []).extend(_float_list(rest, "--epsilon"))
+        else:
+            for n in names:
+                epsilons.setdefault(n, []).extend(_float_list(spec, "--epsilon"))
+
+    key = run_key(seed)
+    data = ev.load_dataset(data_path, text_field, label_field)
+    if test_path is not None:
+        train, test = data, ev.load_dataset(test_path, text_field, label_field)
+    else:
+        from privtext.randomness import chunk_rng
+
+        train, test = ev.stratified_split(data, test_fraction or ev.DEFAULT_TEST_FRACTION,
+                                          chunk_rng(ev.subkey(key, "split"), 0, 0))
+    index = _open_index(embeddings, embeddings_format, vocab_size, neighbors, cache_dir,
+                        trust_pickle, quiet=quiet).index
+    progress = False if quiet else None
+    skipped: list[Any] = []
+    if match_unchanged is not None:
+        settings, skipped = ev.matched_settings(index, names, _float_list(match_unchanged, "--match-unchanged"),
+                                                params, key, sample, draws, progress)
+    else:
+        settings = ev.epsilon_settings(index, epsilons, params, key, sample, draws, progress)
+    result = ev.evaluate(index, train, test, settings, repeats, seed, key, oov, progress, skipped)
+    _write_or_echo(csv_path, ev.rows_csv(result.rows))
+    if plot_path:
+        ev.plot_tradeoff([result], plot_path)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        click.echo(ev.format_result(result), nl=False)

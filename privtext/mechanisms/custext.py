@@ -54,6 +54,7 @@ def build_partition(index: EmbeddingIndex, k: int) -> np.ndarray:
     """(groups, k) int32 member ids, −1 padded, in the order groups were formed."""
     n = index.n
     vectors = np.asarray(index.vectors, dtype=np.float64)
+    norms = np.einsum("ij,ij->i", vectors, vectors)
     table = np.asarray(index.neighbor_ids)
     assigned = np.zeros(n, dtype=bool)
     groups = np.full((-(-n // k), k), -1, dtype=np.int32)
@@ -66,23 +67,34 @@ def build_partition(index: EmbeddingIndex, k: int) -> np.ndarray:
         if len(free) >= k:
             members = free[:k]
         else:
-            # The row ran out of unassigned words: exact search over all unassigned words,
-            # ties broken by id so the partition is deterministic.
-            cand = np.flatnonzero(~assigned)
-            d = np.linalg.norm(vectors[cand] - vectors[anchor], axis=1)
-            take = min(k, len(cand))
-            if take < len(cand):
-                part = np.argpartition(d, take - 1)[:take]
-                cutoff = d[part].max()
-                part = np.flatnonzero(d <= cutoff)
-            else:
-                part = np.arange(len(cand))
-            order = np.lexsort((cand[part], d[part]))[:take]
-            members = cand[part][order]
+            members = _nearest_unassigned(vectors, norms, assigned, anchor, k)
         assigned[members] = True
         groups[g, : len(members)] = members
         g += 1
     return groups[:g]
+
+
+def _nearest_unassigned(vectors: np.ndarray, norms: np.ndarray, assigned: np.ndarray,
+                        anchor: int, k: int) -> np.ndarray:
+    """The k nearest unassigned words to `anchor` (itself first), by exact distance then id.
+
+    One matrix-vector product ranks every word (‖y‖² − 2⟨x, y⟩ orders like the distance); the
+    best k + 8 are then re-ranked by directly computed float64 distances, so the rounding of the
+    expansion cannot change which words are chosen.
+    """
+    score = norms - 2.0 * (vectors @ vectors[anchor])
+    score[assigned] = np.inf
+    remaining = int((~assigned).sum())
+    take = min(k, remaining)
+    shortlist_size = min(k + 8, remaining)
+    if shortlist_size < len(score):
+        shortlist = np.argpartition(score, shortlist_size - 1)[:shortlist_size]
+    else:
+        shortlist = np.flatnonzero(~assigned)
+    shortlist = shortlist[~assigned[shortlist]]
+    exact = np.linalg.norm(vectors[shortlist] - vectors[anchor], axis=1)
+    order = np.lexsort((shortlist, exact))[:take]
+    return shortlist[order]
 
 
 def build_member_distances(index: EmbeddingIndex, groups: np.ndarray) -> np.ndarray:
@@ -152,8 +164,8 @@ class CusTextMechanism(Mechanism):
             rate=epsilon,
             metric=None,
             per_token_pure_bound=None,
-            statement=(f"pure ε-DP between words of the same group (ε = {epsilon:g}); words of "
-                       "different groups are distinguishable"),
+            statement=("pure ε-DP between words of the same group; words of different groups "
+                       f"are distinguishable (ε = {epsilon:g}, groups of K = {params.K})"),
             conditions=(
                 f"{count} groups of K = {params.K} words (the last holds {last}), formed in "
                 "frequency order from each word's nearest unassigned words",

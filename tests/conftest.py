@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,12 @@ def tiny_index(tmp_path: Path) -> EmbeddingIndex:
 @pytest.fixture(scope="session")
 def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("privtext-cache")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(cache_root: Path) -> None:
+    """Library calls without an explicit cache directory use the session's, not the user's."""
+    os.environ["PRIVTEXT_CACHE"] = str(cache_root)
 
 
 @pytest.fixture(scope="session")

@@ -86,9 +86,17 @@ def truncated_gumbel(rng: np.random.Generator, shape: tuple[int, ...], scale: fl
     """Gumbel(0, scale) truncated to [−bound, bound] by inverse CDF (no rejection loop)."""
     lo = math.exp(-math.exp(bound / scale)) if bound / scale < 700 else 0.0
     hi = math.exp(-math.exp(-bound / scale))
-    u = lo + open_uniform(rng, shape) * (hi - lo)
-    u = np.clip(u, np.nextafter(0.0, 1.0), np.nextafter(1.0, 0.0))
-    return np.clip(-scale * np.log(-np.log(u)), -bound, bound)
+    u = open_uniform(rng, shape)
+    u *= hi - lo
+    u += lo
+    # u can round to exactly 1 when hi does (bound ≫ scale): the sample is then +inf, and the
+    # final clip maps it to the bound, where its probability mass (≈ 0) belongs.
+    with np.errstate(divide="ignore"):
+        x = np.log(u)
+        np.negative(x, out=x)
+        np.log(x, out=x)
+        x *= -scale
+    return np.clip(x, -bound, bound, out=x)
 
 
 @register
@@ -158,16 +166,31 @@ class TruncatedGumbelMechanism(Mechanism):
 
     def perturb_ids(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
+        out = np.empty_like(ids)
         if ids.size == 0:
-            return ids.copy()
+            return out
         k = self.sample_counts(rng, ids.size)
-        width = int(k.max())
-        scores = np.array(self.index.neighbor_dist[ids, :width], dtype=np.float64)
-        scores += truncated_gumbel(rng, scores.shape, self.scale, self.index.geometry.delta_max)
-        scores[np.arange(width)[None, :] >= k[:, None]] = np.inf
-        choice = np.argmin(scores, axis=1)
-        return np.asarray(self.index.neighbor_ids[ids, choice], dtype=np.int64)
+        # Tokens are bucketed by candidate count so noise is drawn for about sum(k) entries
+        # rather than len(ids) · max(k); noise beyond column k never matters for a token.
+        lower = 0
+        for width in _bucket_widths(self.index.neighbors):
+            members = np.flatnonzero((k > lower) & (k <= width))
+            lower = width
+            if members.size == 0:
+                continue
+            rows, counts = ids[members], k[members]
+            cols = int(counts.max())
+            scores = np.array(self.index.neighbor_dist[rows, :cols], dtype=np.float64)
+            scores += truncated_gumbel(rng, scores.shape, self.scale, self.index.geometry.delta_max)
+            scores[np.arange(cols)[None, :] >= counts[:, None]] = np.inf
+            choice = np.argmin(scores, axis=1)
+            out[members] = self.index.neighbor_ids[rows, choice]
+        return out
 
+
+def _bucket_widths(table_width: int) -> list[int]:
+    widths = [w for w in (4, 8, 12, 16, 20, 24, 32, 48) if w < table_width]
+    return [*widths, table_width]
 
 def output_distribution(distances: np.ndarray, scale: float, bound: float, lam: float,
                         grid: int = 4001) -> np.ndarray:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 
-_TWO_POW_53 = 1 << 53
+_GRID_BITS = 52
 
 
 def open_uniform(rng: np.random.Generator, size: int | tuple[int, ...]) -> np.ndarray:
-    """Uniforms strictly inside (0, 1): the midpoints of a 2^-53 grid, so log(u) and log(1 − u)
-    are always finite (rng.random() can return exactly 0)."""
-    k = rng.integers(0, _TWO_POW_53, size=size, dtype=np.uint64)
-    return (k.astype(np.float64) + 0.5) * (1.0 / _TWO_POW_53)
+    """Uniforms strictly inside (0, 1): midpoints (k + 1/2)·2^-52 of a 2^-52 grid, so log(u) and
+    log(1 − u) are always finite (rng.random() can return exactly 0). With 52 bits, k + 1/2 is
+    exact in float64 and the extremes are 2^-53 and 1 − 2^-53; a 53-bit grid would round its
+    top midpoint up to exactly 1."""
+    k = rng.integers(0, 1 << _GRID_BITS, size=size, dtype=np.int64)
+    u = k.astype(np.float64)
+    u += 0.5
+    u *= 2.0**-_GRID_BITS
+    return u
 
 
 def standard_gumbel(rng: np.random.Generator, size: int | tuple[int, ...]) -> np.ndarray:

@@ -1,0 +1,46 @@
+# Two commands on a fresh machine:  make demo   and   make test
+# Each creates (or reuses) the virtual environment .venv and installs what it needs.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PRIVTEXT := $(VENV)/bin/privtext
+STAMP := $(VENV)/.privtext-installed
+
+.PHONY: install demo test test-fast lint bench bench-utility clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,evaluate]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on the packaged default embedding: build (or reuse) the index, then anonymise the
+# sample corpus with truncated Gumbel and the Laplace baseline, with epsilon reports.
+demo: $(STAMP)
+	$(PRIVTEXT) index
+	mkdir -p demo-out
+	$(PRIVTEXT) perturb examples/sample.jsonl -o demo-out/sample.gumbel.jsonl \
+		--mechanism gumbel --epsilon 300 --report demo-out/report.gumbel.json
+	$(PRIVTEXT) perturb examples/sample.jsonl -o demo-out/sample.laplace.jsonl \
+		--mechanism laplace --epsilon 10 --report demo-out/report.laplace.json
+	@echo "--- original";  cat examples/sample.jsonl
+	@echo "--- gumbel";    cat demo-out/sample.gumbel.jsonl
+	@echo "--- laplace";   cat demo-out/sample.laplace.jsonl
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check privtext tests bench
+
+bench: $(STAMP)
+	$(PY) bench/throughput.py
+
+clean:
+	rm -rf demo-out bench/out .pytest_cache

@@ -38,11 +38,12 @@ import numpy as np
 CASES: list[tuple[str, str, float, dict[str, Any], int]] = [
     ("gumbel", "gumbel", 100.0, {}, 4_000_000),
     ("custext", "custext", 3.0, {"K": 20}, 4_000_000),
-    ("tem-table", "tem", 12.0, {}, 4_000_000),
-    ("tem-wide", "tem", 2.0, {}, 1_000_000),
-    ("laplace", "laplace", 10.0, {}, 300_000),
-    ("mahalanobis", "mahalanobis", 10.0, {"lam": 0.2}, 300_000),
-    ("vickrey", "vickrey", 10.0, {"t": 0.75}, 300_000),
+    ("tem-table", "tem", 20.0, {}, 4_000_000),  # γ ≈ 1.8: every L_x fits the table
+    ("tem-mixed", "tem", 12.0, {}, 2_000_000),  # γ ≈ 3.1: a third of tokens need the full row
+    ("tem-wide", "tem", 2.0, {}, 1_000_000),  # γ ≈ 18: L_x is most of the vocabulary
+    ("laplace", "laplace", 10.0, {}, 250_000),
+    ("mahalanobis", "mahalanobis", 10.0, {"lam": 0.2}, 250_000),
+    ("vickrey", "vickrey", 10.0, {"t": 0.75}, 250_000),
     ("santext", "santext", 3.0, {}, 1_000_000),
     ("santext-plus", "santext", 3.0, {"plus": True}, 1_000_000),
     ("density", "density", 3.0, {}, 1_000_000),

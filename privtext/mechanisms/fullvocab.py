@@ -60,13 +60,14 @@ def augmented_vectors(index: EmbeddingIndex) -> np.ndarray:
 
 
 def squared_distances(aug: np.ndarray, words: np.ndarray, lo: int, hi: int,
-                      out: np.ndarray | None = None, clamp_negative: bool = True) -> np.ndarray:
-    """‖φ(x) − φ(y)‖² in float64 for x in `words`, y in [lo, hi); exactly 0 for y = x."""
+                      out: np.ndarray | None = None, clamp_negative: bool = True,
+                      factor: float = 1.0) -> np.ndarray:
+    """factor · ‖φ(x) − φ(y)‖² in float64 for x in `words`, y in [lo, hi); exactly 0 for y = x."""
     cols = np.asarray(aug[:, words], dtype=np.float64)
     query = np.empty((len(words), aug.shape[0]), dtype=np.float64)
-    query[:, :-2] = -2.0 * cols[:-2].T
-    query[:, -2] = cols[-1]
-    query[:, -1] = 1.0
+    query[:, :-2] = (-2.0 * factor) * cols[:-2].T
+    query[:, -2] = factor * cols[-1]
+    query[:, -1] = factor
     if out is None:
         out = np.empty((len(words), hi - lo), dtype=np.float64)
     np.matmul(query, aug[:, lo:hi], out=out)
@@ -144,15 +145,18 @@ class FullVocabularySampler:
         stay 0) and the cumulative block totals into cdf[:len(words)]."""
         b = len(words)
         row = weights[:b, : self.width]
+        # scale² goes into the matrix product, so sqrt yields scale·d directly (one pass fewer).
         squared_distances(self.aug, words, self.lo, self.hi, out=row,
-                          clamp_negative=self._clamp_negative)
+                          clamp_negative=self._clamp_negative, factor=self.scale**2)
         np.sqrt(row, out=row)
         if self.clamp is not None:
-            np.minimum(row, self.clamp, out=row)
-        row *= -self.scale
+            np.minimum(row, self.scale * self.clamp, out=row)
+        np.negative(row, out=row)
         if self.log_prior is not None:
             row += self.log_prior[self.lo : self.hi]
-        row -= row.max(axis=1, keepdims=True)
+        if self.log_prior is not None or not ((words >= self.lo) & (words < self.hi)).all():
+            row -= row.max(axis=1, keepdims=True)
+        # else every row holds its own word at score exactly 0, the maximum: no shift needed.
         np.exp(row, out=row)
         np.cumsum(weights[:b].reshape(b, self.blocks, BLOCK).sum(axis=2), axis=1, out=cdf[:b])
 

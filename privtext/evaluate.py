@@ -155,7 +155,6 @@ def train_and_score(train_texts: Sequence[str], train_labels: Sequence[str],
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
-
     from threadpoolctl import threadpool_limits
 
     vectorizer = TfidfVectorizer(sublinear_tf=True)

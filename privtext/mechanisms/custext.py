@@ -18,7 +18,8 @@ The partition uses the exact neighbour table while a word's row still holds K 鈭
 words (the row is sorted, so those are its nearest unassigned words overall) and an exact
 float64 search over the unassigned words otherwise. It and the float64 distances from each word to
 the members of its group are cached with the index (`derived_artifact`) and memory-mapped, so the
-sampler is a gather of K distances per token and a Gumbel-max over K scores.
+sampler is a gather of one precomputed K-entry cumulative weight row per token and an
+inverse-CDF search with one open uniform.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from privtext.errors import ParameterError
 from privtext.index import EmbeddingIndex, Geometry
 from privtext.mechanisms.base import Guarantee, Mechanism, MechanismParams, param
 from privtext.mechanisms.registry import register
-from privtext.mechanisms.sampling import standard_gumbel
+from privtext.mechanisms.sampling import open_uniform
 
 PARTITION_VERSION = 1
 
@@ -143,6 +144,9 @@ class CusTextMechanism(Mechanism):
         self._groups: np.ndarray | None = None
         self._member_dist: np.ndarray | None = None
         self._group_of: np.ndarray | None = None
+        self._cdf: np.ndarray | None = None
+        self._members: np.ndarray | None = None
+        self._sizes: np.ndarray | None = None
 
     @property
     def k(self) -> int:
@@ -208,6 +212,7 @@ class CusTextMechanism(Mechanism):
         return self._artifacts()[2][np.asarray(ids, dtype=np.int64)]
 
     def _scores(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(蔚/2)路u(x, y) for each input's group members (鈭抜nf for padding), and the members."""
         groups, member_dist, group_of = self._artifacts()
         dist = np.asarray(member_dist[ids], dtype=np.float64)
         members = np.asarray(groups[group_of[ids]], dtype=np.int64)
@@ -220,6 +225,24 @@ class CusTextMechanism(Mechanism):
         scores = np.where(real, self.epsilon / 2.0 * utility, -np.inf)
         return scores, members
 
+    def _sampling_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per word: its group's members, the cumulative weights exp(蔚路u/2) over them, and the
+        group size. u does not depend on the token, so each word's CDF is computed once per
+        process (n 脳 K float64, about 15 MB at 92k words) and sampling is a gather and a search."""
+        if self._cdf is None or self._members is None or self._sizes is None:
+            n = self.index.n
+            members = np.empty((n, self.k), dtype=np.int32)
+            cdf = np.empty((n, self.k), dtype=np.float64)
+            for start in range(0, n, 16384):
+                stop = min(start + 16384, n)
+                scores, mem = self._scores(np.arange(start, stop))
+                weights = np.exp(scores - scores.max(axis=1, keepdims=True))  # padding: exp(鈭抜nf) = 0
+                np.cumsum(weights, axis=1, out=cdf[start:stop])
+                members[start:stop] = mem
+            self._sizes = (members >= 0).sum(axis=1)
+            self._members, self._cdf = members, cdf
+        return self._members, self._cdf, self._sizes
+
     def probabilities(self, word: int) -> np.ndarray:
         """Exact output distribution of `word` over the vocabulary (for audits and tests)."""
         scores, members = self._scores(np.array([word], dtype=np.int64))
@@ -230,9 +253,15 @@ class CusTextMechanism(Mechanism):
         return out
 
     def perturb_ids(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Inverse CDF over the group: the first member whose cumulative weight exceeds U路total,
+        U an open uniform, is drawn with probability exactly weight / total."""
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) == 0:
             return ids.copy()
-        scores, members = self._scores(ids)
-        choice = np.argmax(scores + standard_gumbel(rng, scores.shape), axis=1)
-        return members[np.arange(len(ids)), choice]
+        members, cdf, sizes = self._sampling_tables()
+        rows = cdf[ids]
+        target = open_uniform(rng, len(ids)) * rows[:, -1]
+        pos = (rows <= target[:, None]).sum(axis=1)
+        # U路total can round up to total itself (probability ~1e-16): stay on a real member.
+        pos = np.minimum(pos, sizes[ids] - 1)
+        return members[ids, pos].astype(np.int64)

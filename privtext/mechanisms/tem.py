@@ -43,6 +43,8 @@ from privtext.mechanisms.laplace import metric_guarantee
 from privtext.mechanisms.registry import register
 from privtext.mechanisms.sampling import standard_gumbel
 
+_TABLE_SLICE = 32768
+
 
 @dataclass(frozen=True)
 class TemParams(MechanismParams):
@@ -141,8 +143,10 @@ class TruncatedExponentialMechanism(Mechanism):
             return out
         fits = self._fits(ids)
         narrow = np.flatnonzero(fits)
-        if len(narrow):
-            out[narrow] = self._from_table(ids[narrow], rng)
+        # Slices bound the (tokens × table width) work arrays to a few tens of MB.
+        for start in range(0, len(narrow), _TABLE_SLICE):
+            part = narrow[start : start + _TABLE_SLICE]
+            out[part] = self._from_table(ids[part], rng)
         wide = np.flatnonzero(~fits)
         if len(wide):
             out[wide] = self.wide.sample(ids[wide], rng)

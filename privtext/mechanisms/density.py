@@ -137,6 +137,7 @@ class DensityMechanism(Mechanism):
         self._log_prior: np.ndarray | None = None
         self._sampler: FullVocabularySampler | None = None
         self._centroid: np.ndarray | None = None
+        self._aug: np.ndarray | None = None
 
     @property
     def dparams(self) -> DensityParams:
@@ -224,10 +225,11 @@ class DensityMechanism(Mechanism):
 
     def log_density(self, points: np.ndarray) -> np.ndarray:
         """log π at arbitrary points (float64 rows)."""
-        if self._centroid is None:
+        if self._centroid is None or self._aug is None:
             self._centroid = np.asarray(self.index.vectors, dtype=np.float64).mean(axis=0)
-        return log_kde_at(augmented_vectors(self.index), self._centroid,
-                          np.asarray(points, dtype=np.float64), self.bandwidth)
+            self._aug = augmented_vectors(self.index)
+        return log_kde_at(self._aug, self._centroid, np.asarray(points, dtype=np.float64),
+                          self.bandwidth)
 
     def perturb_ids(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)

@@ -14,8 +14,10 @@ slow, so the same distribution is drawn by inverse CDF instead:
 2. Distances come from one float64 matrix product of augmented, centred vectors,
    [−2φ̃(x), ‖φ̃(x)‖², 1] · [φ̃(y); 1; ‖φ̃(y)‖²] = ‖φ̃(x) − φ̃(y)‖² (φ̃ = φ − centroid, which keeps
    the cancellation error near 1e-14 in d²; the self-distance is set to exactly 0).
-3. The row is shifted by its maximum before exp, so weights lie in (0, 1] and the shift cancels
-   in the normalisation.
+3. Scores are shifted before exp so that weights lie in (0, 1] with the largest at least
+   e^{−600} (the shift cancels in the normalisation): the row holds x itself at distance 0, so
+   without a prior the maximum is exactly 0; a prior is shifted by its global maximum once; when
+   x is outside the candidate range the row is shifted by its own maximum.
 4. The output is the first y with cumulative weight C(y) > U · C(total): the inverse CDF of the
    categorical distribution, so P[output = y] = w_x(y) / Σ w_x exactly (up to float64 rounding,
    about 1e-16 of the total per word, the same order as Gumbel-max in float64). The cumulative
@@ -40,6 +42,7 @@ BLOCK = 256
 _WORD_BATCH = 64
 _TOKEN_SLICE = 8192
 DEFAULT_CACHE_BYTES = 256 << 20
+_PRIOR_RANGE_LIMIT = 600.0  # exp(−600) is still a normal float64
 AUGMENTED_ARTIFACT = "augmented-centred-vectors"
 
 
@@ -114,7 +117,16 @@ class FullVocabularySampler:
         self.hi = int(index.n if hi is None else hi)
         if not 0 <= self.lo < self.hi <= index.n:
             raise ValueError("candidate range must be a non-empty part of the vocabulary")
-        self.log_prior = log_prior
+        # The prior is shifted by its maximum once, here, instead of shifting every row by its
+        # own maximum: when its range is moderate, every row's maximum then lies in
+        # [−range, 0] (the word's own entry has distance 0), so exp neither overflows nor loses
+        # anything above 1e-16 of the row's total.
+        self.log_prior: np.ndarray | None = None
+        self._prior_needs_row_shift = False
+        if log_prior is not None:
+            prior = np.asarray(log_prior[self.lo : self.hi], dtype=np.float64)
+            self.log_prior = prior - prior.max()
+            self._prior_needs_row_shift = bool(prior.max() - prior.min() > _PRIOR_RANGE_LIMIT)
         self.clamp = clamp
         self._clamp_negative = rounding_can_go_negative(index)
         self.width = self.hi - self.lo
@@ -153,10 +165,11 @@ class FullVocabularySampler:
             np.minimum(row, self.scale * self.clamp, out=row)
         np.negative(row, out=row)
         if self.log_prior is not None:
-            row += self.log_prior[self.lo : self.hi]
-        if self.log_prior is not None or not ((words >= self.lo) & (words < self.hi)).all():
+            row += self.log_prior
+        if self._prior_needs_row_shift or not ((words >= self.lo) & (words < self.hi)).all():
             row -= row.max(axis=1, keepdims=True)
-        # else every row holds its own word at score exactly 0, the maximum: no shift needed.
+        # else every row holds its own word at distance exactly 0, so its maximum is at least
+        # −(range of the prior) and at most 0: no per-row shift needed.
         np.exp(row, out=row)
         np.cumsum(weights[:b].reshape(b, self.blocks, BLOCK).sum(axis=2), axis=1, out=cdf[:b])
 

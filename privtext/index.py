@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -231,7 +232,9 @@ def exact_neighbor_table(
     ids = np.empty((n, k), dtype=np.int32)
     dist = np.empty((n, k), dtype=np.float64)
     v64 = np.asarray(vectors, dtype=np.float64)
-    with tqdm(total=n, desc="neighbour table", unit="word", disable=progress, leave=False) as bar:
+    # progress: True shows the bar, False hides it, None shows it only on a terminal
+    disable = None if progress is None else not progress
+    with tqdm(total=n, desc="neighbour table", unit=" words", disable=disable, file=sys.stderr) as bar:
         for start in range(0, n, _SEARCH_BATCH):
             stop = min(start + _SEARCH_BATCH, n)
             _, found = flat.search(np.ascontiguousarray(vectors[start:stop], np.float32), k)

@@ -20,7 +20,7 @@ def make_index(path: Path, vectors: np.ndarray, words: list[str] | None = None,
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if words is None:
         words = [f"w{i}" for i in range(len(vectors))]
-    return write_index(CleanVocabulary(words=words, vectors=vectors), path, neighbors, progress=True)
+    return write_index(CleanVocabulary(words=words, vectors=vectors), path, neighbors, progress=False)
 
 
 @pytest.fixture
@@ -55,4 +55,4 @@ def _isolated_cache(cache_root: Path) -> None:
 @pytest.fixture(scope="session")
 def glove_small(cache_root: Path) -> EmbeddingIndex:
     """The real packaged GloVe 6B 50d, limited to its most frequent rows."""
-    return ensure_index(IndexSpec(EmbeddingSource(), SMALL_DEFAULT_VOCAB, 64), cache_root, progress=True).index
+    return ensure_index(IndexSpec(EmbeddingSource(), SMALL_DEFAULT_VOCAB, 64), cache_root, progress=False).index

@@ -50,13 +50,14 @@ def _embedding_options(f: Any) -> Any:
 
 
 def _open_index(embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
-                cache_dir: Path | None, trust_pickle: bool, force: bool = False, quiet: bool = False):  # type: ignore[no-untyped-def]
+                cache_dir: Path | None, trust_pickle: bool, force: bool = False, quiet: bool = False,
+                announce: bool = True):  # type: ignore[no-untyped-def]
     from privtext.embeddings import EmbeddingSource
     from privtext.index import IndexSpec, ensure_index
 
     spec = IndexSpec(EmbeddingSource(embeddings, embeddings_format, trust_pickle), vocab_size, neighbors)
     result = ensure_index(spec, cache_dir, force=force, progress=False if quiet else None)
-    if result.built and not quiet:
+    if result.built and announce and not quiet:
         click.echo(f"privtext: built index {result.index.path} in {result.seconds:.1f} s "
                    f"({result.reason})", err=True)
     return result
@@ -76,7 +77,7 @@ def index(embeddings: str, embeddings_format: str, vocab_size: int, neighbors: i
           cache_dir: Path | None, trust_pickle: bool, force: bool, as_json: bool) -> None:
     """Load vectors, build and cache the FAISS index, neighbour table and geometry."""
     result = _open_index(embeddings, embeddings_format, vocab_size, neighbors, cache_dir,
-                         trust_pickle, force=force, quiet=True)
+                         trust_pickle, force=force, announce=False)
     manifest = result.index.manifest
     if as_json:
         click.echo(json.dumps({"path": str(result.index.path), "built": result.built, **manifest}, indent=2))
@@ -485,3 +486,51 @@ def evaluate_cmd(data_path: str, text_field: str, label_field: str, test_path: s
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
     else:
         click.echo(ev.format_result(result), nl=False)
+
+
+# --- audit: test a mechanism's stated guarantee by sampling ---------------------------------------
+
+
+@cli.command("audit")
+@click.option("--mechanism", required=True, help="See: privtext mechanisms.")
+@click.option("--epsilon", type=float, required=True, help="Privacy parameter ε to audit.")
+@click.option("--param", "param_pairs", multiple=True, metavar="KEY=VALUE",
+              help="Mechanism parameter (repeatable).")
+@_embedding_options
+@click.option("--pairs", "pair_count", type=click.IntRange(min=1), default=None,
+              help="Word pairs to audit: near, beyond the neighbour table, far (default 12).")
+@click.option("--words", default=None, metavar="A,B", help="Audit this one pair of vocabulary words.")
+@click.option("--samples", type=click.IntRange(min=20), default=20_000, show_default=True,
+              help="Draws per word (half choose the events, half estimate them).")
+@click.option("--alpha", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+              default=0.05, show_default=True, help="Family-wise error level of the lower bounds.")
+@click.option("--seed", default=None, help="Reproducible audit (default: OS entropy).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+def audit_cmd(mechanism: str, epsilon: float, param_pairs: tuple[str, ...], embeddings: str,
+              embeddings_format: str, vocab_size: int, neighbors: int, cache_dir: Path | None,
+              trust_pickle: bool, pair_count: int | None, words: str | None, samples: int,
+              alpha: float, seed: str | None, as_json: bool, quiet: bool) -> None:
+    """Sample a mechanism on word pairs and test its stated guarantee (exit 1 if exceeded)."""
+    from privtext import audit
+    from privtext.mechanisms import create, get
+    from privtext.randomness import chunk_rng, run_key
+
+    if pair_count is not None and words is not None:
+        raise UsageError("give either --pairs or --words, not both")
+    get(mechanism)
+    index = _open_index(embeddings, embeddings_format, vocab_size, neighbors, cache_dir,
+                        trust_pickle, quiet=quiet).index
+    mech = create(mechanism, index, epsilon, _parse_param_pairs(param_pairs))
+    mech.prepare()
+    rng = chunk_rng(run_key(seed), 0, 0)
+    if words is not None:
+        pairs = audit.pairs_from_words(index, [w.strip() for w in words.split(",")])
+    else:
+        pairs = audit.select_pairs(index, pair_count or audit.DEFAULT_PAIRS, rng)
+    progress = None if quiet else (lambda msg: click.echo(f"privtext audit: {msg}", err=True))
+    result = audit.run_audit(mech, pairs, samples, rng, alpha, progress=progress)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else audit.format_table(result),
+               nl=as_json)
+    if result.flagged:
+        sys.exit(1)

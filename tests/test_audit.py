@@ -10,7 +10,12 @@ mutants being caught, the validity from the correct mechanisms never being flagg
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,8 +239,6 @@ def test_select_pairs_on_glove(glove_small: EmbeddingIndex) -> None:
 
 def test_audit_on_glove_laplace(glove_small: EmbeddingIndex) -> None:
     """End to end on the real embedding: the result serialises and nothing is flagged."""
-    import json
-
     m = create("laplace", glove_small, 10.0, {})
     result = audit.run_audit(m, audit.select_pairs(glove_small, 3, np.random.default_rng(4)),
                              2_000, np.random.default_rng(5))
@@ -259,3 +262,49 @@ def test_pure_pairs_across_groups_are_not_covered(line_index: EmbeddingIndex) ->
     covs = [audit.coverage(m, p) for p in audit.all_pairs(line_index)]
     assert any(c.bound is None for c in covs) and any(c.bound == 1.0 for c in covs)
 
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "privtext", "audit", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def cli_env(glove_small: EmbeddingIndex, cache_root: Path) -> dict[str, str]:
+    return {**os.environ, "PRIVTEXT_CACHE": str(cache_root)}
+
+
+def test_cli_audit_passes_a_correct_mechanism(cli_env: dict[str, str]) -> None:
+    proc = _cli(cli_env, "--mechanism", "laplace", "--epsilon", "10", "--vocab-size", "2000",
+                "--pairs", "3", "--samples", "400", "--seed", "1", "--json", "-q")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["flagged"] is False and {p["kind"] for p in doc["pairs"]} == {"near", "far", "beyond-table"}
+    table = _cli(cli_env, "--mechanism", "laplace", "--epsilon", "10", "--vocab-size", "2000",
+                 "--words", "president,minister", "--samples", "400", "-q")
+    assert table.returncode == 0 and "no pair exceeds" in table.stdout
+
+
+def test_cli_audit_exits_1_when_the_guarantee_is_exceeded(tmp_path: Path) -> None:
+    """Truncated Gumbel on a three-word embedding with a two-wide table (see above)."""
+    vectors = tmp_path / "tri.txt"
+    vectors.write_text("alpha 1.0 1.0\nbeta 2.0 1.0\ngamma 1.5 1.88\n")
+    env = {**os.environ, "PRIVTEXT_CACHE": str(tmp_path / "cache")}
+    proc = _cli(env, "--mechanism", "gumbel", "--epsilon", "7.21", "--embeddings", str(vectors),
+                "--embeddings-format", "glove", "--vocab-size", "3", "--neighbors", "2",
+                "--samples", "100000", "--seed", "3", "-q")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "EXCEEDS" in proc.stdout and "FLAGGED" in proc.stdout
+
+
+def test_cli_audit_usage_errors(cli_env: dict[str, str]) -> None:
+    both = _cli(cli_env, "--mechanism", "laplace", "--epsilon", "1", "--vocab-size", "2000",
+                "--pairs", "2", "--words", "a,b")
+    assert both.returncode == 2 and "either --pairs or --words" in both.stderr
+    unknown = _cli(cli_env, "--mechanism", "laplace", "--epsilon", "1", "--vocab-size", "2000",
+                   "--words", "the,zqxjsecretword", "-q")
+    assert unknown.returncode == 2 and "zqxjsecretword" not in unknown.stderr + unknown.stdout
+    assert len(unknown.stderr.strip().splitlines()) == 1

@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", help="labels to run: " + ", ".join(c[0] for c in CASES))
     parser.add_argument("--tokens", type=int, default=None, help="token budget per case (default: per case)")
+    parser.add_argument("--epsilon", type=float, default=None, help="override every case's ε")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=100_000)
     args = parser.parse_args(argv)
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as tmp:
         for label, name, epsilon, params, budget in cases:
+            epsilon = args.epsilon if args.epsilon is not None else epsilon
             res = run_case(index, label, name, epsilon, params, ids, bounds,
                            args.tokens or budget, args.workers, Path(tmp))
             shown = ", ".join(f"{k}={v}" for k, v in params.items()) or "-"

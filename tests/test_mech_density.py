@@ -138,3 +138,21 @@ def test_exact_guarantee_is_metric_dp_at_rate_epsilon(tiny_index) -> None:  # ty
 def test_bad_parameters_are_refused(tiny_index, params, message) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ParameterError, match=message):
         create("density", tiny_index, 1.0, params)
+
+
+def test_sampler_handles_a_prior_with_a_huge_range(index_factory) -> None:  # type: ignore[no-untyped-def]
+    """A prior spanning e^±500 takes the per-row shift path; the law is still the closed form."""
+    from privtext.mechanisms.fullvocab import FullVocabularySampler
+
+    idx = index_factory(vocabulary(), neighbors=8)
+    v = np.asarray(idx.vectors, np.float64)
+    log_prior = np.linspace(-500.0, 500.0, idx.n)
+    log_prior[3] = 480.0
+    sampler = FullVocabularySampler(idx, EPS / 2, log_prior=log_prior)
+    logits = log_prior[None, :] - EPS / 2 * pairwise_distances(v)
+    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    for x in (0, 3, 29):
+        np.testing.assert_allclose(sampler.probabilities(x), expected[x], rtol=1e-9, atol=1e-300)
+    out = sampler.sample(np.full(20_000, 0), np.random.default_rng(3))
+    assert chi_square_pvalue(out, expected[0]) > 1e-3

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from privtext.errors import InfeasibleEpsilonError
+from privtext.errors import InfeasibleEpsilonError, ParameterError
 from privtext.mechanisms import create
 from privtext.mechanisms.gumbel import (
     TruncatedGumbelMechanism,
@@ -28,7 +28,13 @@ def test_epsilon_scale_round_trip(epsilon: float) -> None:
 
 def test_scale_decreases_as_epsilon_grows() -> None:
     scales = [scale_for_epsilon(e, N, DMIN, DMAX) for e in (100.0, 300.0, 1e4, 1e8)]
-    assert all(a > b for a, b in zip(scales, scales[1:]))
+    assert np.all(np.diff(scales) < 0)
+
+
+def test_two_word_vocabulary_is_refused(index_factory) -> None:  # type: ignore[no-untyped-def]
+    idx = index_factory(np.array([[0.0, 0.0], [1.0, 1.0]]), neighbors=2)
+    with pytest.raises(ParameterError, match="at least 3 words"):
+        TruncatedGumbelMechanism(idx, 1e6)
 
 
 def test_infeasible_epsilon_is_refused_naming_the_minimum(glove_small) -> None:  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from privtext.errors import InfeasibleEpsilonError
+from privtext.errors import InfeasibleEpsilonError, ParameterError
 from privtext.index import Geometry
 from privtext.mechanisms.base import Guarantee, Mechanism, MechanismParams
 from privtext.mechanisms.laplace import metric_guarantee
@@ -119,6 +119,8 @@ class TruncatedGumbelMechanism(Mechanism):
 
     @classmethod
     def privacy_map(cls, epsilon: float, params: MechanismParams, geometry: Geometry) -> Guarantee:
+        if geometry.n < 3:  # λ = ln(n − 1) must be positive
+            raise ParameterError("gumbel needs a vocabulary of at least 3 words; raise --vocab-size")
         b = scale_for_epsilon(epsilon, geometry.n, geometry.delta_min, geometry.delta_max)
         _, tail = candidate_count_cdf(poisson_rate(geometry.n), geometry.neighbors)
         return metric_guarantee(
@@ -139,6 +141,8 @@ class TruncatedGumbelMechanism(Mechanism):
                 f"neighbour table width K = {geometry.neighbors}: P(k > K) = {tail:.3g} is capped at K",
                 "a word beyond rank K of x can never be output for x but can for itself, so for "
                 "far-apart pairs the likelihood ratio is unbounded: the metric bound cannot hold there",
+                "exact checks also find the formula exceeded inside a full table near ε_∞ (the tail of "
+                "the candidate count is not accounted for); see docs/audit.md",
                 "Gumbel noise added to distances with argmin is the published mechanism, not the "
                 "Gumbel-max form of the exponential mechanism",
             ),

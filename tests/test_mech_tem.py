@@ -146,3 +146,14 @@ def test_privacy_map_states_metric_dp_with_gamma(tiny_index) -> None:  # type: i
     gamma = threshold(3.0, 0.01, geo.n)
     assert any(f"{gamma:.6g}" in c for c in g.conditions)
     assert "metric DP at rate ε = 3" in g.statement
+
+
+def test_empty_complement_never_draws_bottom(tiny_index) -> None:  # type: ignore[no-untyped-def]
+    """Small ε: γ exceeds every distance, L_x is the whole vocabulary (here the whole table), ⊥
+    has no mass, and TEM is the plain exponential mechanism exp(−ε·d/2)."""
+    mech = create("tem", tiny_index, 0.5, {})
+    assert mech.gamma > tiny_index.geometry.delta_max and mech._fits(np.arange(12)).all()
+    ids = np.repeat(np.arange(12), 2000)
+    out = mech.perturb_ids(ids, np.random.default_rng(8))
+    w = np.exp(-0.25 * pairwise_distances(np.asarray(tiny_index.vectors, np.float64)))
+    assert pooled_chi_square_pvalue(ids, out, w / w.sum(axis=1, keepdims=True)) > 1e-3

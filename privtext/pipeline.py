@@ -114,7 +114,7 @@ class ChunkProcessor:
     def _lines(self, task: ChunkTask, rng: Any) -> ChunkResult:
         out: list[bytes] = list(task.payload)
         texts: list[str] = []
-        slots: list[tuple[int, Any, Any, bytes]] = []  # (position, record, container, line ending)
+        slots: list[tuple[int, Any, bytes]] = []  # (position, parsed record, line ending)
         skipped = kept = 0
         for pos, raw in enumerate(task.payload):
             body = raw.rstrip(b"\r\n")
@@ -134,9 +134,9 @@ class ChunkProcessor:
                     kept += 1
                 continue
             texts.append(text)  # type: ignore[arg-type]
-            slots.append((pos, record, None, ending))
+            slots.append((pos, record, ending))
         new_texts, counters = self.perturber.perturb_texts(texts, rng)
-        for (pos, record, _, ending), new_text in zip(slots, new_texts):
+        for (pos, record, ending), new_text in zip(slots, new_texts):
             if task.fmt == "jsonl":
                 container = record
                 for part in self.path[:-1]:

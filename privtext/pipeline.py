@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -223,8 +224,34 @@ def _process_in_worker(task: ChunkTask) -> ChunkResult:
 
 
 def _mp_context() -> multiprocessing.context.BaseContext:
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    """forkserver where available, else spawn. The fork server is started with SIGINT ignored, so
+    it and every worker forked from it ignore Ctrl-C: the parent alone handles it (and stops the
+    workers), instead of each child dying mid-start-up with its own traceback."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    return multiprocessing.get_context("forkserver")
+
+
+def _stop_workers(executor: ProcessPoolExecutor, interrupted: bool) -> None:
+    if not interrupted:
+        executor.shutdown(wait=True, cancel_futures=True)
+        return
+    # On an error or Ctrl-C, do not wait for chunks in flight: stop the workers now. The
+    # executor has no public way to do that, hence its process table.
+    processes = list(getattr(executor, "_processes", {}).values())
+    executor.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(timeout=10)
 
 
 class _Done:
@@ -369,6 +396,7 @@ def run_perturb(
         return _parallel_ordered(tasks, executor, max_in_flight=2 * settings.workers)
 
     bar = tqdm(desc="perturb", unit=" rec", disable=True if progress is False else None, file=sys.stderr)
+    completed = False
     try:
         with AtomicOutput(output) as sink:
             writer = None
@@ -404,10 +432,11 @@ def run_perturb(
                     bar.set_postfix(words=counters.word_tokens, refresh=False)
             if writer is not None:
                 writer.close()
+        completed = True
     finally:
         bar.close()
         if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+            _stop_workers(executor, interrupted=not completed)
         restore_threads()
         _restore_env(saved_env)
     return PerturbOutcome(counters, time.perf_counter() - start, mechanism, fmt, len(inputs), settings)

@@ -291,3 +291,27 @@ def test_index_command_prints_what_it_built(tmp_path: Path, env: dict[str, str])
     assert "reused" in second
     manifest = json.loads(run(env, "index", "--vocab-size", "300", "--neighbors", "8", "--json").stdout)
     assert manifest["geometry"]["neighbors"] == 8 and manifest["built"] is False
+
+
+def test_ctrl_c_leaves_no_partial_output(tmp_path: Path, env: dict[str, str]) -> None:
+    import signal
+
+    src = write_jsonl(tmp_path / "in.jsonl", RECORDS * 2000)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "privtext", "perturb", str(src), "-o", str(out_dir / "o.jsonl"),
+         "--mechanism", "laplace", "--epsilon", "3", "--workers", "2", "--chunk-size", "20", "-q", *VOCAB],
+        env=env, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    # wait until workers are busy and the temporary output already holds some chunks
+    while not any(f.stat().st_size for f in out_dir.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(out_dir.iterdir()), "the run never started writing"
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    start = time.monotonic()
+    assert proc.wait(timeout=60) == 130
+    assert time.monotonic() - start < 10  # workers are stopped, not waited for
+    assert "Traceback" not in proc.stderr.read().decode()  # type: ignore[union-attr]
+    assert list(out_dir.iterdir()) == []

@@ -28,11 +28,11 @@ class _PipeClosed(Exception):
     """stdout's reader went away. Not an OSError, so click does not turn it into exit 1."""
 
 
-def _embedding_options(f: Any) -> Any:
+def _embedding_options(f: Any, format_flags: tuple[str, ...] = ("--embeddings-format",)) -> Any:
     options = [
         click.option("--embeddings", default="default", show_default=True,
                      help="GloVe/word2vec/fastText vector file, or 'default' (packaged GloVe 6B 50d)."),
-        click.option("--embeddings-format", "embeddings_format", default="auto", show_default=True,
+        click.option(*format_flags, "embeddings_format", default="auto", show_default=True,
                      type=click.Choice(["auto", "glove", "word2vec", "word2vec-bin", "fasttext-vec", "kv"]),
                      help="Format of --embeddings ('kv' needs --trust-pickle)."),
         click.option("--vocab-size", type=click.IntRange(min=2), default=100_000, show_default=True,
@@ -70,7 +70,8 @@ def cli() -> None:
 
 
 @cli.command()
-@_embedding_options
+# `privtext index --format` names the embedding format (there is no corpus here to confuse it with)
+@lambda f: _embedding_options(f, ("--format", "--embeddings-format"))
 @click.option("--force", is_flag=True, help="Rebuild even if a valid cache exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def index(embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,

@@ -315,3 +315,17 @@ def test_ctrl_c_leaves_no_partial_output(tmp_path: Path, env: dict[str, str]) ->
     assert time.monotonic() - start < 10  # workers are stopped, not waited for
     assert "Traceback" not in proc.stderr.read().decode()  # type: ignore[union-attr]
     assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(("name", "fmt"), [("test_glove.txt", "glove"), ("euclidean_vectors.bin", "word2vec-bin"),
+                                           ("lee_fasttext.vec", "fasttext-vec")])
+def test_index_user_vector_files_with_format(tmp_path: Path, env: dict[str, str], name: str, fmt: str) -> None:
+    from gensim.test.utils import datapath
+
+    env = {**env, "PRIVTEXT_CACHE": str(tmp_path / "cache")}
+    out = run(env, "index", "--embeddings", datapath(name), "--format", fmt, "--neighbors", "4").stdout.decode()
+    assert f"[{fmt}]" in out and "built in" in out
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "the of and"}])
+    proc = run(env, "perturb", str(src), "--embeddings", datapath(name), "--embeddings-format", fmt,
+               "--neighbors", "4", "--mechanism", "laplace", "--epsilon", "1", "-q")
+    assert len(json.loads(proc.stdout)["text"].split(" ")) == 3

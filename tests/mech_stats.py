@@ -44,22 +44,11 @@ def chi_square_pvalue(samples: np.ndarray, expected: np.ndarray, min_expected: f
     """Pearson chi-square p-value of integer `samples` against probabilities `expected` over
     0..len(expected)-1. Outcomes with small expected counts are pooled into one bin, so the
     test stays valid; an outcome of probability zero that occurs gives p = 0."""
-    expected = np.asarray(expected, dtype=np.float64)
-    expected = expected / expected.sum()
-    counts = np.bincount(samples, minlength=len(expected)).astype(np.float64)
-    if len(counts) > len(expected) or counts[expected == 0].sum() > 0:
+    res = _binned(samples, expected, min_expected)
+    if res is None:
         return 0.0
-    exp_counts = expected * len(samples)
-    big = exp_counts >= min_expected
-    obs = list(counts[big])
-    ex = list(exp_counts[big])
-    small = ~big & (expected > 0)
-    if exp_counts[small].sum() > 0:
-        obs.append(counts[small].sum())
-        ex.append(exp_counts[small].sum())
-    if len(obs) < 2:
-        return 1.0
-    return float(stats.chisquare(obs, ex).pvalue)
+    statistic, dof = res
+    return 1.0 if dof < 1 else float(stats.chi2.sf(statistic, dof))
 
 
 def pairwise_distances(vectors: np.ndarray) -> np.ndarray:

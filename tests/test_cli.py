@@ -329,3 +329,24 @@ def test_index_user_vector_files_with_format(tmp_path: Path, env: dict[str, str]
     proc = run(env, "perturb", str(src), "--embeddings", datapath(name), "--embeddings-format", fmt,
                "--neighbors", "4", "--mechanism", "laplace", "--epsilon", "1", "-q")
     assert len(json.loads(proc.stdout)["text"].split(" ")) == 3
+
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_example_config_runs_end_to_end(tmp_path: Path, env: dict[str, str], config: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", RECORDS[:6])
+    report = tmp_path / "r.json"
+    run(env, "perturb", str(src), "-o", str(tmp_path / "out.jsonl"), "--config", str(config),
+        "--workers", "2", "--chunk-size", "3", "--report", str(report), "-q", *VOCAB)
+    data = json.loads(report.read_text())
+    assert data["mechanism"]["name"] == config.stem
+    assert data["counts"]["records"] == 6 and data["guarantee"]["statement"]
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 6
+
+
+def test_registered_mechanisms_all_have_an_example_config() -> None:
+    from privtext.mechanisms import available
+
+    assert {c.stem for c in CONFIGS} == set(available())

@@ -80,9 +80,13 @@ def build_report(outcome: PerturbOutcome) -> dict[str, Any]:
                 if settings.seed is not None else None
             ),
         },
-        "input": {"format": outcome.fmt, "inputs": outcome.inputs, "field": settings.field
-                  if outcome.fmt != "text" else None, "chunk_size": settings.chunk_size,
-                  "workers": settings.workers},
+        "input": {
+            "format": outcome.fmt,
+            "inputs": outcome.inputs,
+            "field": None if outcome.fmt == "text" else settings.field,
+            "chunk_size": settings.chunk_size,
+            "workers": settings.workers,
+        },
         "counts": {
             "records": c.records,
             "tokens": c.word_tokens + c.other_tokens,

@@ -218,7 +218,13 @@ def main() -> None:
         sys.argv.remove("--debug")
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        # click turns KeyboardInterrupt (and so our Interrupted) into Abort; keep the signal's code
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, Interrupted):
+            name = {2: "Interrupted", 15: "Terminated", 1: "Hung up"}.get(cause.signum, "Stopped")
+            click.echo(f"{name}; nothing was published.", err=True)
+            sys.exit(cause.exit_code)
         click.echo("Aborted.", err=True)
         sys.exit(130)
     except click.ClickException as exc:

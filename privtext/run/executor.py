@@ -167,6 +167,20 @@ def mp_context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Delays SIGINT/SIGTERM/SIGHUP (delivered when the block ends) in the main thread."""
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class _Done:
     pass
 
@@ -191,14 +205,20 @@ class ChunkExecutor:
         self._local = local
         self._pool: ProcessPoolExecutor | None = None
         self._closed = False
+        self._stop = threading.Event()  # tells every feeder thread to stop submitting
+        self._feeders: list[threading.Thread] = []
 
     def start(self) -> ChunkExecutor:
         """Starts the workers now (they boot while the caller opens its input)."""
         if self.workers > 1 and self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp_context(),
-                                             initializer=_worker_init,
-                                             initargs=(self.factory, os.getpid()))
-            self._pings = [self._pool.submit(_worker_ping) for _ in range(self.workers)]
+            # A signal between a worker's start and its entry in the pool's process table would
+            # leave a worker that close() cannot see: hold signals until every worker is listed.
+            ctx = mp_context()  # the fork server starts outside the block: it must not inherit it
+            with _signals_held():
+                self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
+                                                 initializer=_worker_init,
+                                                 initargs=(self.factory, os.getpid()))
+                self._pings = [self._pool.submit(_worker_ping) for _ in range(self.workers)]
         elif self.workers <= 1 and self._local is None:
             self._local = self.factory()
         return self
@@ -229,9 +249,10 @@ class ChunkExecutor:
         assert pool is not None
         pending: queue.Queue[tuple[M, Future[Any]] | _Done | _Failed] = queue.Queue(self.max_in_flight)
         stop = threading.Event()
+        closing = self._stop
 
         def put(item: Any) -> None:
-            while not stop.is_set():
+            while not (stop.is_set() or closing.is_set()):
                 try:
                     pending.put(item, timeout=0.1)
                     return
@@ -241,7 +262,7 @@ class ChunkExecutor:
         def feed() -> None:
             try:
                 for meta, task in items:
-                    if stop.is_set():
+                    if stop.is_set() or closing.is_set():
                         return
                     put((meta, pool.submit(_worker_process, task)))
                 put(_Done())
@@ -249,6 +270,7 @@ class ChunkExecutor:
                 put(_Failed(exc))
 
         feeder = threading.Thread(target=feed, name="privtext-reader", daemon=True)
+        self._feeders.append(feeder)
         feeder.start()
         try:
             while True:
@@ -292,13 +314,22 @@ class ChunkExecutor:
         if not interrupted:
             pool.shutdown(wait=True, cancel_futures=True)
             return
-        # Do not wait for chunks in flight: kill the workers now (they ignore SIGTERM). The
-        # pool has no public way to do that, hence its process table.
-        processes = list(getattr(pool, "_processes", {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            with contextlib.suppress(Exception):
-                process.kill()
-        for process in processes:
+        # Do not wait for chunks in flight: kill the workers now (they ignore SIGTERM). First stop
+        # the feeders, whose next submit could start one more worker after the kill (a worker
+        # that then fails to start once this process is gone, with a traceback on stderr). The
+        # pool has no public way to kill its workers, hence its process table.
+        self._stop.set()
+        for feeder in self._feeders:
+            feeder.join(timeout=2)
+        table = getattr(pool, "_processes", None) or {}
+        pool.shutdown(wait=False, cancel_futures=True)  # (it drops the process table)
+        killed: dict[int, Any] = {}
+        for _ in range(2):  # again, for a worker a last submit started meanwhile
+            for pid, process in list(table.items()):
+                if pid not in killed:
+                    with contextlib.suppress(Exception):
+                        process.kill()
+                    killed[pid] = process
+        for process in killed.values():
             with contextlib.suppress(Exception):
                 process.join(timeout=10)

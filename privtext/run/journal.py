@@ -189,7 +189,8 @@ class Journal:
     def total_counters(self) -> ChunkCounters:
         total = ChunkCounters()
         for entry in self.entries:
-            total.merge(counters_from_dict(entry["n"]))
+            if "n" in entry:  # (an input-done line carries no counts)
+                total.merge(counters_from_dict(entry["n"]))
         return total
 
     def close(self) -> None:

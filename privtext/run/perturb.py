@@ -469,7 +469,12 @@ def signals_as_interrupts() -> Iterator[None]:
         yield
         return
 
+    fired: list[int] = []
+
     def handler(signum: int, _frame: Any) -> None:
+        if fired:  # a second signal while cleaning up: let the cleanup finish
+            return
+        fired.append(signum)
         raise Interrupted(signum)
 
     saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}

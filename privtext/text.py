@@ -189,23 +189,29 @@ def tokenize(text: str) -> list[str]:
     return [text[a:b] for a, b in pairwise(bounds)]
 
 
-def _gather_runs(base: np.ndarray, run_start: np.ndarray, run_length: np.ndarray) -> np.ndarray:
+def _gather_runs(base: np.ndarray, run_start: np.ndarray, run_length: np.ndarray,
+                 block: int = 1 << 20) -> np.ndarray:
     """The concatenation of base[run_start[i] : run_start[i] + run_length[i]] over all i.
 
-    One index array built by a cumulative sum (+1 inside a run, a jump at each run's first
-    position) and one gather: a few passes over the output, whatever the number of runs.
+    An index array built by a cumulative sum (+1 inside a run, a jump where a run begins) and one
+    gather: a few passes over the output, whatever the number of runs. Runs are taken in blocks of
+    about `block` output positions so the int64 index array stays small beside the text.
     """
     keep = run_length > 0
     if not keep.all():
         run_start, run_length = run_start[keep], run_length[keep]
-    total = int(run_length.sum())
-    if total == 0:
-        return np.zeros(0, dtype=base.dtype)
-    step = np.ones(total, dtype=np.int64)
-    first = np.cumsum(run_length[:-1])  # output position where each run after the first begins
-    step[0] = run_start[0]
-    step[first] = run_start[1:] - (run_start[:-1] + run_length[:-1] - 1)
-    return base.take(np.cumsum(step, out=step))
+    run_end = np.cumsum(run_length)
+    out = np.empty(int(run_end[-1]) if len(run_end) else 0, dtype=base.dtype)
+    cuts = np.searchsorted(run_end, np.arange(block, len(out), block), side="right")
+    bounds = np.unique(np.concatenate(([0], cuts, [len(run_end)]))).tolist()
+    for lo, hi in pairwise(bounds):
+        first = int(run_end[lo] - run_length[lo])
+        starts, lengths = run_start[lo:hi], run_length[lo:hi]
+        step = np.ones(int(run_end[hi - 1]) - first, dtype=np.int64)
+        step[0] = starts[0]
+        step[np.cumsum(lengths[:-1])] = starts[1:] - (starts[:-1] + lengths[:-1] - 1)
+        out[first : first + len(step)] = base.take(np.cumsum(step, out=step))
+    return out
 
 
 class _Vocabulary:
@@ -302,21 +308,7 @@ class TextPerturber:
             counters.doc_hist = np.bincount(np.zeros(len(texts), np.int64), minlength=1)
             return list(texts), counters
 
-        # All words of the chunk as one string "w0 w1 ... wn " (a space never occurs in a word),
-        # lower-cased and NFC-normalised as a whole, then split once for the dictionary lookup.
-        word_lengths = ends - starts
-        selected = seg.in_word.copy()
-        selected[ends] = True  # one slot after each word, for the space
-        word_cps = seg.cps[selected]
-        space_at = np.cumsum(word_lengths + 1) - 1
-        word_cps[space_at] = _SPACE_CP
-        original = codecs.utf_32_le_decode(word_cps, "strict", True)[0]
-        lowered = original.lower()
-        keys = lowered if lowered.isascii() else unicodedata.normalize("NFC", lowered)
-        key_list = keys.split(" ")
-        key_list.pop()  # the empty string after the last space
-
-        ids = np.fromiter(map(self._lookup, key_list, repeat(-1)), dtype=np.int64, count=n_words)
+        ids, recased = self._look_up(seg)
         known = ids >= 0
         out_ids = ids.copy()
         out_ids[known] = self.mechanism.perturb_ids(ids[known], rng)
@@ -324,12 +316,10 @@ class TextPerturber:
         counters.perturbed = int(known.sum())
         counters.unchanged = int((out_ids[known] == ids[known]).sum())
         counters.oov = n_words - counters.perturbed
-
         # Per-document perturbed counts feed the document-level bound statistics.
         known_before = np.zeros(n_words + 1, dtype=np.int64)
         np.cumsum(known, out=known_before[1:])
-        per_doc = np.diff(known_before[seg.doc_words])
-        counters.doc_hist = np.bincount(per_doc)
+        counters.doc_hist = np.bincount(np.diff(known_before[seg.doc_words]))
 
         # Each word's replacement is a run in the buffer of _Vocabulary.with_chunk: an entry of
         # the vocabulary, the word itself in the chunk's copy (OOV kept), or a string in a small
@@ -347,7 +337,7 @@ class TextPerturber:
         if oov_at.size:
             if self.oov is OovPolicy.KEEP:
                 src_start[oov_at] = chunk_at + starts[oov_at]
-                new_lengths[oov_at] = word_lengths[oov_at]
+                new_lengths[oov_at] = ends[oov_at] - starts[oov_at]
             elif self.oov is OovPolicy.DROP:
                 new_lengths[oov_at] = 0
             else:
@@ -356,40 +346,70 @@ class TextPerturber:
                 pool.append(self.mask_token)
                 pool_size = len(self.mask_token)
 
-        if lowered != original:
-            # Words that carry case: their pattern (restore_case) comes from per-character flags,
-            # and each distinct (replacement, pattern) is spelled once per chunk, from a cache.
-            recased = self._recased(original, lowered, word_cps, space_at, known)
-            pattern = _case_patterns(seg, recased)
-            recased, pattern = recased[pattern != _AS_IS], pattern[pattern != _AS_IS]
-            if recased.size:
-                variants, which = np.unique(out_ids[recased] * 3 + pattern, return_inverse=True)
-                spelled = [self._spelled(v) for v in variants.tolist()]
-                lengths = np.fromiter(map(len, spelled), dtype=np.int64, count=len(spelled))
-                offsets = pool_at + pool_size + np.cumsum(lengths) - lengths
-                src_start[recased] = offsets[which]
-                new_lengths[recased] = lengths[which]
-                pool.extend(spelled)
+        pattern = _case_patterns(seg, recased)
+        recased, pattern = recased[pattern != _AS_IS], pattern[pattern != _AS_IS]
+        if recased.size:
+            # Each distinct (replacement, case pattern) is spelled once per chunk, from a cache.
+            variants, which = np.unique(out_ids[recased] * 3 + pattern, return_inverse=True)
+            spelled = [self._spelled(v) for v in variants.tolist()]
+            lengths = np.fromiter(map(len, spelled), dtype=np.int64, count=len(spelled))
+            offsets = pool_at + pool_size + np.cumsum(lengths) - lengths
+            src_start[recased] = offsets[which]
+            new_lengths[recased] = lengths[which]
+            pool.extend(spelled)
 
         # Output runs alternate: text before word 0 (from the chunk), word 0, text between words 0
         # and 1, ..., text after the last word. BREAKs are part of that text, so they land in the
         # output too and give the document boundaries.
         buffer = vocab.with_chunk(seg.cps, _utf32("".join(pool)))
-        gap_start = np.concatenate(([0], ends))
-        gap_length = np.concatenate((starts, [len(seg.cps)])) - gap_start
         run_start = np.empty(2 * n_words + 1, dtype=np.int64)
         run_length = np.empty(2 * n_words + 1, dtype=np.int64)
-        run_start[0::2] = gap_start + chunk_at
-        run_length[0::2] = gap_length
+        run_start[0] = chunk_at
+        run_start[2::2] = ends + chunk_at
+        run_length[0:-1:2] = starts
+        run_length[-1] = len(seg.cps)
+        run_length[0::2] -= run_start[0::2] - chunk_at
         run_start[1::2] = src_start
         run_length[1::2] = new_lengths
-        out = _gather_runs(buffer, run_start, run_length)
-        text = codecs.utf_32_le_decode(out, "surrogatepass", True)[0]
+        text = codecs.utf_32_le_decode(_gather_runs(buffer, run_start, run_length), "surrogatepass", True)[0]
 
         growth = np.zeros(n_words + 1, dtype=np.int64)
-        np.cumsum(new_lengths - word_lengths, out=growth[1:])
+        np.cumsum(new_lengths - (ends - starts), out=growth[1:])
         doc_at = (seg.breaks + growth[seg.doc_words]).tolist()
         return [text[a + 1 : b] for a, b in pairwise(doc_at)], counters
+
+    def _look_up(self, seg: _Segmentation) -> tuple[np.ndarray, np.ndarray]:
+        """(vocabulary id or -1 per word, indices of in-vocabulary words that carry case).
+
+        All words of the chunk become one string "w0 w1 ... wn " (a space never occurs in a
+        word), lower-cased and NFC-normalised as a whole, split once for the dictionary lookup.
+        The strings live only inside this call.
+        """
+        starts, ends = seg.starts, seg.ends
+        lengths = ends - starts
+        selected = seg.in_word.copy()
+        selected[ends] = True  # one slot after each word, for the space
+        word_cps = seg.cps[selected]
+        del selected
+        space_at = np.cumsum(lengths + 1) - 1
+        word_cps[space_at] = _SPACE_CP
+        original = codecs.utf_32_le_decode(word_cps, "strict", True)[0]
+        lowered = original.lower()
+        keys = lowered if lowered.isascii() else unicodedata.normalize("NFC", lowered)
+        key_list = keys.split(" ")
+        key_list.pop()  # the empty string after the last space
+        ids = np.fromiter(map(self._lookup, key_list, repeat(-1)), dtype=np.int64, count=len(starts))
+        del key_list, keys
+
+        if lowered == original:
+            return ids, np.zeros(0, dtype=np.int64)
+        if len(lowered) == len(original):
+            differs = np.flatnonzero(word_cps != _utf32(lowered))
+            candidates = np.unique(np.searchsorted(space_at, differs))
+        else:  # a character lower-cased to several (İ): compare word by word
+            pairs = zip(original.split(" "), lowered.split(" "))
+            candidates = np.array([j for j, (a, b) in enumerate(pairs) if a != b], dtype=np.int64)
+        return ids, candidates[ids[candidates] >= 0]
 
     def _spelled(self, variant: int) -> str:
         """The vocabulary word `variant // 3` in case pattern `variant % 3`, cached."""
@@ -398,15 +418,3 @@ class TextPerturber:
             word_id, pattern = divmod(variant, 3)
             text = self._cased[variant] = apply_case(pattern, self._index.words[word_id])
         return text
-
-    @staticmethod
-    def _recased(original: str, lowered: str, word_cps: np.ndarray, space_at: np.ndarray,
-                 known: np.ndarray) -> np.ndarray:
-        """Indices of in-vocabulary words whose lower-casing changed them (they carry case)."""
-        if len(lowered) == len(original):
-            differs = np.flatnonzero(word_cps != _utf32(lowered))
-            candidates = np.unique(np.searchsorted(space_at, differs))
-        else:  # a character lower-cased to several (İ): compare word by word
-            pairs = zip(original.split(" "), lowered.split(" "))
-            candidates = np.array([j for j, (a, b) in enumerate(pairs) if a != b], dtype=np.int64)
-        return candidates[known[candidates]]

@@ -269,3 +269,15 @@ def test_lone_surrogates_from_library_callers_pass_between_words(glove_small) ->
     # The codecs reject them; a library caller's string still round-trips outside words.
     out, counters = _perturber(glove_small, "mask").perturb_texts(["the\ud800man"], np.random.default_rng(0))
     assert out == ["the\ud800man"] and counters.word_tokens == 2
+
+
+@pytest.mark.parametrize("block", [1, 3, 64, 1 << 20])
+def test_gather_runs_in_blocks(block: int) -> None:
+    from privtext.text import _gather_runs
+
+    rng = np.random.default_rng(block)
+    base = rng.integers(0, 1000, 500).astype(np.uint32)
+    starts = rng.integers(0, 450, 200)
+    lengths = rng.integers(0, 50, 200)  # zero-length runs (dropped words) included
+    expected = np.concatenate([base[s : s + n] for s, n in zip(starts, lengths)])
+    assert np.array_equal(_gather_runs(base, starts, lengths, block=block), expected)

@@ -21,12 +21,15 @@ import unicodedata
 from dataclasses import dataclass, field
 from enum import Enum
 from itertools import pairwise, repeat
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from privtext.embeddings import is_word_char, is_word_extender
-from privtext.index import EmbeddingIndex
-from privtext.mechanisms.base import Mechanism
+
+if TYPE_CHECKING:  # annotations only: importing text.py does not load the index or mechanisms
+    from privtext.index import EmbeddingIndex
+    from privtext.mechanisms.base import Mechanism
 
 DEFAULT_MASK_TOKEN = "[OOV]"
 

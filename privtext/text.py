@@ -100,7 +100,7 @@ class _CodePointTable:
         flags = self.flags.take(cps)
         unset = flags == _UNSET
         if unset.any():
-            for cp in np.unique(cps[unset]).tolist():
+            for cp in set(cps[unset].tolist()):
                 self.flags[cp] = _flags_of(chr(cp))
             flags = self.flags.take(cps)
         return flags
@@ -192,6 +192,28 @@ def tokenize(text: str) -> list[str]:
     return [text[a:b] for a, b in pairwise(bounds)]
 
 
+# np.unique is avoided on purpose: its first call imports numpy.ma (tens of milliseconds of a
+# one-record run's start-up), and these inputs are small or already sorted.
+def _distinct_sorted(values: np.ndarray) -> np.ndarray:
+    """The distinct values of an already sorted array."""
+    if values.size == 0:
+        return values
+    first = np.ones(values.size, dtype=np.bool_)
+    np.not_equal(values[1:], values[:-1], out=first[1:])
+    return values[first]
+
+
+def _distinct_with_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct values, index of each input value among them)."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    first = np.ones(values.size, dtype=np.bool_)
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    inverse = np.empty(values.size, dtype=np.int64)
+    inverse[order] = np.cumsum(first) - 1
+    return ordered[first], inverse
+
+
 def _gather_runs(base: np.ndarray, run_start: np.ndarray, run_length: np.ndarray,
                  block: int = 1 << 20) -> np.ndarray:
     """The concatenation of base[run_start[i] : run_start[i] + run_length[i]] over all i.
@@ -206,7 +228,7 @@ def _gather_runs(base: np.ndarray, run_start: np.ndarray, run_length: np.ndarray
     run_end = np.cumsum(run_length)
     out = np.empty(int(run_end[-1]) if len(run_end) else 0, dtype=base.dtype)
     cuts = np.searchsorted(run_end, np.arange(block, len(out), block), side="right")
-    bounds = np.unique(np.concatenate(([0], cuts, [len(run_end)]))).tolist()
+    bounds = _distinct_sorted(np.concatenate(([0], cuts, [len(run_end)]))).tolist()
     for lo, hi in pairwise(bounds):
         first = int(run_end[lo] - run_length[lo])
         starts, lengths = run_start[lo:hi], run_length[lo:hi]
@@ -280,14 +302,9 @@ class TextPerturber:
         self.oov = OovPolicy(oov)
         self.mask_token = mask_token
         self._index = index
-        table = index.word_to_id
-        # Lookup is in NFC. A vocabulary entry stored in another normal form is also reachable
-        # under its NFC spelling (the entry that is already NFC wins a collision).
-        if not unicodedata.is_normalized("NFC", "\n".join(table)):
-            table = dict(table)
-            for word, i in list(table.items()):
-                table.setdefault(unicodedata.normalize("NFC", word), i)
-        self._lookup = table.get
+        self._table = index.word_to_id
+        self._lookup = self._table.get
+        self._nfc_aliases = False
         self._vocab: _Vocabulary | None = None
         self._cased: dict[int, str] = {}
 
@@ -353,7 +370,7 @@ class TextPerturber:
         recased, pattern = recased[pattern != _AS_IS], pattern[pattern != _AS_IS]
         if recased.size:
             # Each distinct (replacement, case pattern) is spelled once per chunk, from a cache.
-            variants, which = np.unique(out_ids[recased] * 3 + pattern, return_inverse=True)
+            variants, which = _distinct_with_inverse(out_ids[recased] * 3 + pattern)
             spelled = [self._spelled(v) for v in variants.tolist()]
             lengths = np.fromiter(map(len, spelled), dtype=np.int64, count=len(spelled))
             offsets = pool_at + pool_size + np.cumsum(lengths) - lengths
@@ -398,7 +415,11 @@ class TextPerturber:
         word_cps[space_at] = _SPACE_CP
         original = codecs.utf_32_le_decode(word_cps, "strict", True)[0]
         lowered = original.lower()
-        keys = lowered if lowered.isascii() else unicodedata.normalize("NFC", lowered)
+        if lowered.isascii():
+            keys = lowered
+        else:
+            keys = unicodedata.normalize("NFC", lowered)
+            self._add_nfc_aliases()
         key_list = keys.split(" ")
         key_list.pop()  # the empty string after the last space
         ids = np.fromiter(map(self._lookup, key_list, repeat(-1)), dtype=np.int64, count=len(starts))
@@ -408,11 +429,25 @@ class TextPerturber:
             return ids, np.zeros(0, dtype=np.int64)
         if len(lowered) == len(original):
             differs = np.flatnonzero(word_cps != _utf32(lowered))
-            candidates = np.unique(np.searchsorted(space_at, differs))
+            candidates = _distinct_sorted(np.searchsorted(space_at, differs))
         else:  # a character lower-cased to several (İ): compare word by word
             pairs = zip(original.split(" "), lowered.split(" "))
             candidates = np.array([j for j, (a, b) in enumerate(pairs) if a != b], dtype=np.int64)
         return ids, candidates[ids[candidates] >= 0]
+
+    def _add_nfc_aliases(self) -> None:
+        """Lookup is in NFC: a vocabulary entry stored in another normal form is also reachable
+        under its NFC spelling (an entry that is already NFC wins a collision). Only a non-ASCII
+        key can need this, so an ASCII corpus never pays for the check."""
+        if self._nfc_aliases:
+            return
+        self._nfc_aliases = True
+        if not unicodedata.is_normalized("NFC", "\n".join(self._table)):
+            table = dict(self._table)
+            for word, i in self._table.items():
+                table.setdefault(unicodedata.normalize("NFC", word), i)
+            self._table = table
+            self._lookup = table.get
 
     def _spelled(self, variant: int) -> str:
         """The vocabulary word `variant // 3` in case pattern `variant % 3`, cached."""

@@ -281,3 +281,13 @@ def test_gather_runs_in_blocks(block: int) -> None:
     lengths = rng.integers(0, 50, 200)  # zero-length runs (dropped words) included
     expected = np.concatenate([base[s : s + n] for s, n in zip(starts, lengths)])
     assert np.array_equal(_gather_runs(base, starts, lengths, block=block), expected)
+
+
+def test_word_likeness_is_what_the_tokenizer_reads_as_one_word() -> None:
+    from privtext.embeddings import is_word_like
+
+    rng = np.random.default_rng(5)
+    candidates = [*UNICODE_VOCAB, *PIECES, "", "a b", "_a", "a_", "\u0301a", "a\u0301", "a\u200d", "\u200da"]
+    candidates += ["".join(PIECES[i] for i in rng.integers(0, len(PIECES), 2)) for _ in range(2000)]
+    for text in candidates:
+        assert is_word_like(text) == (tokenize(text) == ["", text, ""]), text

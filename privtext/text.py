@@ -308,10 +308,6 @@ class TextPerturber:
         self._vocab: _Vocabulary | None = None
         self._cased: dict[int, str] = {}
 
-    @property
-    def _words(self) -> list[str]:
-        return self._index.words
-
     def _vocabulary(self) -> _Vocabulary:
         if self._vocab is None:
             self._vocab = _Vocabulary(self._index.words)

@@ -31,3 +31,8 @@ class IndexCacheError(PrivtextError):
 
 class InputFormatError(PrivtextError):
     """A record of the input cannot be processed (bad JSON, missing field, bad encoding)."""
+
+
+class InputTypeError(UsageError, TypeError):
+    """A library call got the wrong kind of value (a bare string where a list of texts belongs,
+    a non-string column); also a TypeError, so generic callers can catch it as one."""

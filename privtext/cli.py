@@ -151,13 +151,20 @@ _CONFIG_KEYS = {"mechanism", "epsilon", "params", "field", "oov", "mask_token", 
               help="Unreadable record: stop, drop it, or copy it unchanged.")
 @click.option("--report", "report_path", default=None, help="Write the JSON epsilon report here.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary or progress on stderr.")
+@click.option("--engine", type=click.Choice(["local", "spark", "ray"]), default="local", show_default=True,
+              help="local: this machine's worker pool. spark|ray: read JSONL/Parquet shards (files, "
+                   "directories, globs) with the engine and write part files to -o OUT_DIR "
+                   "(needs privtext[spark] or privtext[ray]; see docs/engines.md).")
+@click.option("--engine-address", default=None, metavar="URL",
+              help="Cluster for --engine spark|ray (spark://…, ray://… or auto); the index is then "
+                   "shipped by the engine. Default: local mode on --workers cores.")
 @click.pass_context
 def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str | None, field: str,
             mechanism: str, epsilon: float | None, param_pairs: tuple[str, ...], config_path: Path | None,
             embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
             cache_dir: Path | None, trust_pickle: bool, workers: int | None, chunk_size: int,
             seed: str | None, oov: str, mask_token: str, on_error: str, report_path: str | None,
-            quiet: bool) -> None:
+            quiet: bool, engine: str, engine_address: str | None) -> None:
     """Perturb the text of a JSONL, Parquet or text corpus and write an epsilon report."""
     from privtext import report as report_mod
     from privtext.pipeline import PerturbSettings, default_workers, run_perturb
@@ -199,9 +206,31 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
     if settings.oov == "keep" and not quiet:
         click.echo("privtext: WARNING: --oov keep passes out-of-vocabulary words through "
                    "unperturbed; they are not protected", err=True)
+    if engine != "local":
+        from privtext.engines.shards import validate
+
+        validate(engine, list(inputs), output, settings.field, pick("format", fmt))
+        if settings.on_error != "fail":
+            raise UsageError("--on-error skip|keep works with --engine local only; the engines stop "
+                             "on a malformed record")
     result = _open_index(pick("embeddings", embeddings), pick("embeddings_format", embeddings_format),
                          int(pick("vocab_size", vocab_size)), int(pick("neighbors", neighbors)),
                          cache_dir, trust_pickle, quiet=quiet)
+    if engine != "local":
+        from privtext.api import Anonymizer
+        from privtext.engines.shards import run_shards
+
+        anon = Anonymizer(settings.mechanism, epsilon=settings.epsilon, params=settings.params,
+                          oov=settings.oov, mask_token=settings.mask_token, seed=seed, index=result.index)
+        report = run_shards(engine, list(inputs), output, anon, settings.field, pick("format", fmt),
+                            engine_address, settings.workers)
+        if report_path:
+            from privtext.io import write_text_atomic
+
+            write_text_atomic(report_path, report_mod.to_json(report))
+        if not quiet:
+            click.echo(report_mod.summary(report), err=True, nl=False)
+        return
     try:
         outcome = run_perturb(list(inputs) or ["-"], output, settings, result.index,
                               fmt=pick("format", fmt), progress=False if quiet else None)

@@ -14,6 +14,7 @@ so the report is complete and reading `out_ds` does not perturb again.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -88,6 +89,21 @@ class _BlockPerturber:
             ray.get(self.collector.add.remote(block, anon.counters.to_dict()))
             outs.append(out)
         return pa.concat_tables(outs)
+
+
+def init(address: str | None = None, cores: int = 2) -> Any:
+    """Connect to the Ray cluster at `address` (ray://... or auto), or start a local one on
+    `cores` CPUs; a no-op when Ray is already initialised."""
+    ray = require("ray", "ray")
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    # a batch tool's stderr carries the summary, not per-operator progress lines
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return ray
 
 
 def perturb_dataset(ds: Any, column: str = "text", anonymizer: Anonymizer | None = None, *,

@@ -14,6 +14,8 @@ and writing `out_df` afterwards reads the persisted rows instead of perturbing t
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +60,29 @@ def _perturb_partitions(state: dict[str, Any], column: str, shipped: str | None,
         acc.add({partition: anon.counters.to_dict()})
 
     return run
+
+
+def session(address: str | None = None, cores: int = 2, app_name: str = "privtext") -> Any:
+    """A SparkSession: local mode on `cores` cores, or the cluster at `address` (spark://...).
+
+    In local mode the Python workers run this interpreter (where privtext is installed), not
+    whatever `python3` is first on PATH."""
+    require("pyspark", "spark")
+    from pyspark.sql import SparkSession
+
+    builder = (SparkSession.builder.appName(app_name).config("spark.ui.enabled", "false")
+               .config("spark.ui.showConsoleProgress", "false"))
+    if address:
+        builder = builder.master(address)
+    else:
+        # PySpark picks its worker interpreter from PYSPARK_PYTHON when the context starts
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        builder = (builder.master(f"local[{cores}]")
+                   .config("spark.pyspark.python", sys.executable)
+                   .config("spark.pyspark.driver.python", sys.executable))
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
 
 
 def perturb_dataframe(df: Any, column: str = "text", anonymizer: Anonymizer | None = None, *,

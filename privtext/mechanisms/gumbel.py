@@ -241,7 +241,7 @@ class TruncatedGumbelMechanism(Mechanism):
         output in one row and not the other has probability 0 for one input only."""
         x, x2 = pair_ids(x_ids, x2_ids)
         g = self.guarantee
-        if self.floor.alpha > 0.0:
+        if g.floor:  # the stated floor; the sampler realises exactly this α
             assert g.per_token_pure_bound is not None
             out = np.full(len(x), g.per_token_pure_bound, dtype=np.float64)
         else:

@@ -150,6 +150,9 @@ _CONFIG_KEYS = {"mechanism", "epsilon", "params", "field", "oov", "mask_token", 
 @click.option("--on-error", type=click.Choice(["fail", "skip", "keep"]), default="fail", show_default=True,
               help="Unreadable record: stop, drop it, or copy it unchanged.")
 @click.option("--report", "report_path", default=None, help="Write the JSON epsilon report here.")
+@click.option("--risk/--no-risk", "with_risk", default=True, show_default=True,
+              help="Put the attack-success figure in the report (computed once per index, "
+                   "mechanism, ε and params, then cached with the index).")
 @click.option("-q", "--quiet", is_flag=True, help="No summary or progress on stderr.")
 @click.pass_context
 def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str | None, field: str,
@@ -157,7 +160,7 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
             embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
             cache_dir: Path | None, trust_pickle: bool, workers: int | None, chunk_size: int,
             seed: str | None, oov: str, mask_token: str, on_error: str, report_path: str | None,
-            quiet: bool) -> None:
+            with_risk: bool, quiet: bool) -> None:
     """Perturb the text of a JSONL, Parquet or text corpus and write an epsilon report."""
     from privtext import report as report_mod
     from privtext.pipeline import PerturbSettings, default_workers, run_perturb
@@ -207,7 +210,7 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
                               fmt=pick("format", fmt), progress=False if quiet else None)
     except BrokenPipeError:
         raise _PipeClosed() from None
-    report = report_mod.build_report(outcome)
+    report = report_mod.build_report(outcome, risk=with_risk)
     if report_path:
         from privtext.io import write_text_atomic
 
@@ -535,3 +538,48 @@ def audit_cmd(mechanism: str, epsilon: float, param_pairs: tuple[str, ...], embe
                nl=as_json)
     if result.flagged:
         sys.exit(1)
+
+
+# --- risk: what a Bayes-optimal adversary recovers from one perturbed word -----------------------
+
+
+def _warn_guarantee(mechanism: Any, quiet: bool) -> None:
+    """The map's warnings (e.g. floor=0), one line each on stderr."""
+    if quiet:
+        return
+    for warning in mechanism.guarantee.warnings:
+        click.echo(f"privtext: WARNING: {warning}", err=True)
+
+
+@cli.command("risk")
+@click.option("--mechanism", required=True, help="See: privtext mechanisms.")
+@click.option("--epsilon", type=float, required=True, help="Privacy parameter ε of the mechanism.")
+@click.option("--param", "param_pairs", multiple=True, metavar="KEY=VALUE",
+              help="Mechanism parameter (repeatable).")
+@click.option("--prior", type=click.Choice(["uniform", "zipf"]), default="uniform", show_default=True,
+              help="Public prior of the adversary over vocabulary rows (zipf: ∝ 1/(row + 1)).")
+@_embedding_options
+@click.option("--draws-per-word", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Monte-Carlo only: training draws per vocabulary word for the MAP guesser.")
+@click.option("--test-draws", type=click.IntRange(min=1), default=50_000, show_default=True,
+              help="Monte-Carlo only: held-out draws that measure the guesser.")
+@click.option("--seed", default=None, help="Reproducible Monte-Carlo draws (default: OS entropy).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("-q", "--quiet", is_flag=True, help="No messages on stderr.")
+def risk_cmd(mechanism: str, epsilon: float, param_pairs: tuple[str, ...], prior: str,
+             embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
+             cache_dir: Path | None, trust_pickle: bool, draws_per_word: int, test_draws: int,
+             seed: str | None, as_json: bool, quiet: bool) -> None:
+    """Attack success: the chance a Bayes-optimal adversary guesses a word from its output."""
+    from privtext import risk
+    from privtext.mechanisms import create, get
+    from privtext.randomness import chunk_rng, run_key
+
+    get(mechanism)
+    index = _open_index(embeddings, embeddings_format, vocab_size, neighbors, cache_dir,
+                        trust_pickle, quiet=quiet).index
+    mech = create(mechanism, index, epsilon, _parse_param_pairs(param_pairs))
+    _warn_guarantee(mech, quiet)
+    result = risk.attack_success(mech, (prior,), chunk_rng(run_key(seed), 0, 0), draws_per_word,
+                                 test_draws)[prior]
+    click.echo(json.dumps(result.to_dict()) if as_json else risk.format_result(result), nl=as_json)

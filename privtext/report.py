@@ -51,7 +51,28 @@ def document_bound_stats(doc_hist: np.ndarray, per_token_bound: float | None) ->
     return stats
 
 
-def build_report(outcome: PerturbOutcome) -> dict[str, Any]:
+def attack_success_section(mechanism: Any) -> dict[str, Any]:
+    """The §10 figure for the run's mechanism (uniform and zipf priors), cached with the index:
+    computed once per (index, mechanism, ε, params), then read back."""
+    from privtext.risk import PRIORS, cached_attack_success
+
+    results = cached_attack_success(mechanism, PRIORS)
+    out: dict[str, Any] = {}
+    for prior, r in results.items():
+        d = r.to_dict()
+        out[prior] = {k: d[k] for k in ("attack_success", "baseline", "bound", "method", "interval",
+                                        "draws")}
+    first = next(iter(results.values()))
+    out["estimate"] = first.estimate
+    out["meaning"] = ("the chance that an adversary who knows the mechanism, the index and a "
+                      "public prior guesses a perturbed word's original from the output alone; "
+                      "context-aware attackers can do better: read it as a lower bound on risk")
+    return out
+
+
+def build_report(outcome: PerturbOutcome, risk: bool = True) -> dict[str, Any]:
+    """The epsilon report. `risk=False` leaves out the attack-success figure (it is computed
+    once per index, mechanism, ε and params, then cached; see privtext.risk)."""
     mech = outcome.mechanism
     index = mech.index
     c = outcome.counters
@@ -104,6 +125,8 @@ def build_report(outcome: PerturbOutcome) -> dict[str, Any]:
             "null_values": c.null_values,
         },
         "per_document": document_bound_stats(c.doc_hist, guarantee["per_token_pure_bound"]),
+        "attack_success": (attack_success_section(mech) if risk else
+                           {"skipped": "left out with --no-risk; privtext risk computes it"}),
         "timing": {
             "seconds": round(outcome.seconds, 3),
             "word_tokens_per_second": round(c.word_tokens / outcome.seconds, 1) if outcome.seconds else None,
@@ -120,6 +143,8 @@ def build_report(outcome: PerturbOutcome) -> dict[str, Any]:
         report["flags"].append(
             f"--on-error keep: {c.errors_kept} unreadable records were copied unchanged and are not protected"
         )
+    for warning in mech.guarantee.warnings:
+        report["flags"].append(warning)
     if mech.guarantee.approximate:
         report["flags"].append("the sampler only approximates the stated distribution; see guarantee")
     return report
@@ -152,6 +177,13 @@ def summary(report: dict[str, Any]) -> str:
             f"privtext: per-document pure bound: mean {doc['pure_bound']['mean']:.4g}, "
             f"p95 {doc['pure_bound']['p95']:.4g}, max {doc['pure_bound']['max']:.4g}"
         )
+    risk = report.get("attack_success") or {}
+    if "uniform" in risk:
+        u, z = risk["uniform"], risk.get("zipf")
+        lines.append(
+            f"privtext: attack success ({u['method']}): {u['attack_success']:.3g} with a uniform "
+            f"prior (baseline {u['baseline']:.2g})"
+            + (f", {z['attack_success']:.3g} with a zipf prior (baseline {z['baseline']:.2g})" if z else ""))
     lines.append(f"privtext: {report['timing']['word_tokens_per_second'] or 0:,.0f} words/s "
                  f"in {report['timing']['seconds']:.2f} s")
     for flag in report["flags"]:

@@ -244,7 +244,7 @@ class CusTextMechanism(Mechanism):
                 f"uniform floor α = {alpha:.6g} (realised exactly: an integer coin on [0, 2^53) "
                 f"below {coin_threshold(alpha)}); q̄ = {qbar:.6g} = 1/(1 + (s − 1)e^(−ε/2)) for "
                 f"the smallest group s = {min(params.K, last)} (no output of Q is likelier)",
-                f"every pair: P[y|x]/P[y|x'] ≤ 1 + (1 − α)·n·q̄/α, so ε₀ = {eps0:.6g} nats per "
+                f"every pair: P[y|x]/P[y|x'] ≤ 1+(1 − α)·n·q̄/α, so ε₀ = {eps0:.6g} nats per "
                 f"token (randomized-response mixing argument); within a group min(ε, ε₀) = "
                 f"{within:.6g}",
             ),

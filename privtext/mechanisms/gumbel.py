@@ -210,7 +210,7 @@ class TruncatedGumbelMechanism(Mechanism):
                       f"[0, 2^53) below {coin_threshold(alpha)}), q̄ = 1")
         floor_conditions = (
             floor_text,
-            f"every pair: P[y|x]/P[y|x'] ≤ 1 + (1 − α)·n·q̄/α, so ε₀ = ln(1 + (1 − α)·n/α) = "
+            f"every pair: P[y|x]/P[y|x'] ≤ 1+(1 − α)·n·q̄/α, so ε₀ = ln(1 + (1 − α)·n/α) = "
             f"{eps0:.6g} nats per token (randomized-response mixing argument, no new assumption)",
         )
         if covered:

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 
 from privtext import __version__
-from privtext.pipeline import PerturbOutcome
 from privtext.randomness import seed_commitment
+from privtext.run.perturb import PerturbOutcome
+from privtext.settings import OnError
 from privtext.text import OovPolicy
 
 LIMITATIONS = (
@@ -106,7 +107,11 @@ def build_report(outcome: PerturbOutcome, risk: bool = True) -> dict[str, Any]:
             "inputs": outcome.inputs,
             "field": None if outcome.fmt == "text" else settings.field,
             "chunk_size": settings.chunk_size,
-            "workers": settings.workers,
+            "workers": outcome.workers,
+        },
+        "run": {
+            "resumed": outcome.resumed is not None,
+            **({"resume": outcome.resumed} if outcome.resumed is not None else {}),
         },
         "counts": {
             "records": c.records,
@@ -120,7 +125,7 @@ def build_report(outcome: PerturbOutcome, risk: bool = True) -> dict[str, Any]:
                     "masked": c.oov if oov_policy is OovPolicy.MASK else 0,
                     "dropped": c.oov if oov_policy is OovPolicy.DROP else 0,
                     "passed_through": c.oov if oov_policy is OovPolicy.KEEP else 0},
-            "errors": {"policy": settings.on_error, "skipped": c.errors_skipped,
+            "errors": {"policy": OnError(settings.on_error).value, "skipped": c.errors_skipped,
                        "kept_unchanged": c.errors_kept},
             "null_values": c.null_values,
         },

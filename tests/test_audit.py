@@ -365,3 +365,31 @@ def test_cli_audit_usage_errors(cli_env: dict[str, str]) -> None:
                    "--words", "the,zqxjsecretword", "-q")
     assert unknown.returncode == 2 and "zqxjsecretword" not in unknown.stderr + unknown.stdout
     assert len(unknown.stderr.strip().splitlines()) == 1
+
+
+class MapOnlyPlugin(Mechanism):
+    """A third-party mechanism that declares only its Guarantee (no privacy_loss of its own):
+    Laplace's sampler and statement."""
+
+    name = "map-only-plugin"
+    summary = reference = "test plugin"
+
+    @classmethod
+    def privacy_map(cls, epsilon, params, geometry):  # type: ignore[no-untyped-def]
+        return LaplaceMechanism.privacy_map(epsilon, params, geometry)
+
+    def perturb_ids(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        noisy = np.asarray(self.index.vectors[ids], dtype=np.float64)
+        noisy += laplace_noise(rng, len(ids), self.index.dim, self.epsilon)
+        return nearest_words(self.index, noisy, ids, k=1)[0][:, 0]
+
+
+def test_a_plugin_is_audited_from_its_guarantee_alone(line_index: EmbeddingIndex) -> None:
+    plugin = MapOnlyPlugin(line_index, 2.0)
+    real = LaplaceMechanism(line_index, 2.0)
+    x, x2 = np.array([0, 1, 2, 3]), np.array([1, 1, 5, 6])
+    np.testing.assert_allclose(plugin.privacy_loss(x, x2), real.privacy_loss(x, x2), rtol=1e-12)
+    assert plugin.privacy_loss(x, x2)[1] == 0.0
+    result = run(plugin, 20_000, seed=4)
+    assert not result.flagged and all(p.stated_bound is not None for p in result.pairs)

@@ -163,7 +163,7 @@ class EnvelopeSampler:
         if not self.uniform_bins:
             # Cumulative π inside each bin (restarted per bin, so no cancellation between bins).
             self.local_cum = np.empty(size)
-            for b, (a, m) in enumerate(zip(starts, self.bin_size)):
+            for a, m in zip(starts, self.bin_size, strict=True):
                 np.cumsum(rel[a : a + m], out=self.local_cum[a : a + m])
             self._local_steps = max(1, math.ceil(math.log2(int(self.bin_size.max()))) + 1)
 

@@ -121,7 +121,7 @@ class FullVocabularySampler:
     def __init__(self, index: EmbeddingIndex, scale: float, *, lo: int = 0, hi: int | None = None,
                  log_prior: np.ndarray | None = None, clamp: float | None = None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, method: str = "envelope",
-                 max_tries: int = DEFAULT_MAX_TRIES):
+                 max_tries: int = DEFAULT_MAX_TRIES, scan_from_count: int = SCAN_FROM_COUNT):
         self.index = index
         self.scale = float(scale)
         self.lo = int(lo)
@@ -154,6 +154,7 @@ class FullVocabularySampler:
         if method not in ("envelope", "scan"):
             raise ValueError(f"unknown sampling method {method!r}")
         self.method = method
+        self.scan_from_count = scan_from_count
         self.envelope = EnvelopeSampler(index, self.scale, lo=self.lo, hi=self.hi, log_prior=log_prior,
                                         clamp=clamp, max_tries=max_tries)
         self.fallbacks = 0  # tokens that exhausted max_tries in this process (diagnostic count)
@@ -254,7 +255,7 @@ class FullVocabularySampler:
         # row costs less than their tokens' envelope proposals, are drawn by the scan; the rest
         # by the envelope. The split depends on the chunk's ids only.
         words, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
-        heavy_word = (words < self.cache_words) | (counts >= SCAN_FROM_COUNT)
+        heavy_word = (words < self.cache_words) | (counts >= self.scan_from_count)
         heavy = heavy_word[inverse]
         out = np.empty(len(ids), dtype=np.int64)
         by_scan = np.flatnonzero(heavy)

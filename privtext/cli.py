@@ -138,6 +138,10 @@ _CONFIG_KEYS = {"mechanism", "epsilon", "params", "field", "oov", "mask_token", 
               help="Mechanism parameter (repeatable).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="TOML file with mechanism, epsilon, [params] and other options; flags override it.")
+@click.option("--search", type=click.Choice(["exact", "hnsw"]), default=None,
+              help="Nearest-word search of laplace, mahalanobis and vickrey (same as --param "
+                   "search=...): exact (default) or hnsw (approximate, faster; same guarantee; "
+                   "the report gives its measured recall@1).")
 @_embedding_options
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Worker processes (default: number of cores).")
@@ -154,7 +158,7 @@ _CONFIG_KEYS = {"mechanism", "epsilon", "params", "field", "oov", "mask_token", 
 @click.pass_context
 def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str | None, field: str,
             mechanism: str, epsilon: float | None, param_pairs: tuple[str, ...], config_path: Path | None,
-            embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
+            search: str | None, embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
             cache_dir: Path | None, trust_pickle: bool, workers: int | None, chunk_size: int,
             seed: str | None, oov: str, mask_token: str, on_error: str, report_path: str | None,
             quiet: bool) -> None:
@@ -177,6 +181,8 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
 
     params = {str(k): v for k, v in config.get("params", {}).items()}
     params.update(_parse_param_pairs(param_pairs))
+    if search is not None:
+        params["search"] = search
     epsilon = pick("epsilon", epsilon)
     if epsilon is None:
         raise UsageError("--epsilon is required (or set epsilon in --config); see privtext mechanisms")
@@ -195,7 +201,10 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
     settings.validate()
     from privtext.mechanisms import get
 
-    get(settings.mechanism)  # fail on an unknown name before any index work
+    mech_cls = get(settings.mechanism)  # fail on an unknown name before any index work
+    if search is not None and "search" not in {f.name for f in dataclasses.fields(mech_cls.Params)}:
+        raise UsageError(f"--search applies only to laplace, mahalanobis and vickrey, not to "
+                         f"{settings.mechanism}; leave it out")
     if settings.oov == "keep" and not quiet:
         click.echo("privtext: WARNING: --oov keep passes out-of-vocabulary words through "
                    "unperturbed; they are not protected", err=True)

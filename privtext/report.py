@@ -152,6 +152,13 @@ def summary(report: dict[str, Any]) -> str:
             f"privtext: per-document pure bound: mean {doc['pure_bound']['mean']:.4g}, "
             f"p95 {doc['pure_bound']['p95']:.4g}, max {doc['pure_bound']['max']:.4g}"
         )
+    recall = m.get("derived", {}).get("hnsw_recall")
+    if recall:
+        lines.append(
+            f"privtext: nearest-word search: HNSW (approximate, efSearch {recall['efSearch']}), "
+            f"recall@1 {recall['recall_at_1_zipf']:.3f} (Zipf-weighted words) / "
+            f"{recall['recall_at_1_uniform']:.3f} (uniform words) on noisy queries vs exact search"
+        )
     lines.append(f"privtext: {report['timing']['word_tokens_per_second'] or 0:,.0f} words/s "
                  f"in {report['timing']['seconds']:.2f} s")
     for flag in report["flags"]:

@@ -68,10 +68,18 @@ def cli() -> None:
 # `privtext index --format` names the embedding format (there is no corpus here to confuse it with)
 @lambda f: _embedding_options(f, ("--format", "--embeddings-format"))
 @click.option("--force", is_flag=True, help="Rebuild even if a valid cache exists.")
+@click.option("--verify", is_flag=True,
+              help="Check every byte of the existing cache (sha256 of each file, the whole "
+                   "neighbour table, derived files); builds nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def index(embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
-          cache_dir: Path | None, trust_pickle: bool, force: bool, as_json: bool) -> None:
+          cache_dir: Path | None, trust_pickle: bool, force: bool, verify: bool, as_json: bool) -> None:
     """Load vectors, build and cache the FAISS index, neighbour table and geometry."""
+    if verify:
+        if force:
+            raise click.UsageError("--verify checks the existing cache; drop --force")
+        _verify_index(embeddings, embeddings_format, vocab_size, neighbors, cache_dir, trust_pickle, as_json)
+        return
     result = _open_index(embeddings, embeddings_format, vocab_size, neighbors, cache_dir,
                          trust_pickle, force=force, announce=False)
     manifest = result.index.manifest
@@ -90,6 +98,25 @@ def index(embeddings: str, embeddings_format: str, vocab_size: int, neighbors: i
     click.echo(f"  metric     {geo.metric}; neighbour table K = {geo.neighbors} (exact)")
     click.echo(f"  geometry   Δ_min = {geo.delta_min:.4f} (exact), Δ_max ≤ {geo.delta_max:.4f}, "
                f"median NN distance {geo.nn_distance_median:.3f}")
+
+
+def _verify_index(embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
+                  cache_dir: Path | None, trust_pickle: bool, as_json: bool) -> None:
+    from privtext.embeddings import EmbeddingSource
+    from privtext.errors import IndexCacheError
+    from privtext.index import EmbeddingIndex, IndexSpec, default_cache_root, read_pointer
+
+    spec = IndexSpec(EmbeddingSource(embeddings, embeddings_format, trust_pickle), vocab_size, neighbors)
+    slot = (cache_dir if cache_dir is not None else default_cache_root()) / spec.key()
+    if read_pointer(slot) is None:
+        raise IndexCacheError(f"no index cache at {slot} to verify; build it with: privtext index")
+    checked = EmbeddingIndex(slot).verify()
+    if as_json:
+        click.echo(json.dumps({"verified": True, **checked}, indent=2))
+        return
+    click.echo(f"index verified: {checked['path']}")
+    click.echo(f"  sha256 of {len(checked['files'])} files and {len(checked['derived'])} derived files match; "
+               f"neighbour table of {checked['rows']} rows well formed")
 
 
 def _parse_param_pairs(pairs: tuple[str, ...]) -> dict[str, str]:

@@ -122,10 +122,14 @@ def perturb_dataset(ds: Any, column: str = "text", anonymizer: Anonymizer | None
         raise UsageError(f"column {column!r} is not in the dataset; pass column= with one of: "
                          f"{', '.join(ds.schema().names)}")
     start = time.perf_counter()
+    size = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
     refs = ds.to_arrow_refs()
+    if len(refs) < size:
+        # Ray merges small files into one block; split in order (deterministic, so a seeded run
+        # stays reproducible) so that every actor of the pool has a block to work on
+        refs = ray.data.from_arrow_refs(refs).repartition(size).to_arrow_refs()
     shipped = [ray.put(pack_index(anonymizer.spec.index_path))] if ship_index else None
     collector = ray.remote(num_cpus=0)(_Collector).remote()
-    size = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
     context = ray.data.DataContext.get_current()
     previous_order = context.execution_options.preserve_order
     context.execution_options.preserve_order = True  # output rows in input order

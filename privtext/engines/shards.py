@@ -125,8 +125,8 @@ def run_shards(engine: str, inputs: list[str], output: str, anonymizer: Anonymiz
 
         # the shards were listed on this machine's filesystem: say so instead of letting Ray guess
         local = LocalFileSystem()
-        ds = (ray.data.read_parquet(files, filesystem=local) if found == "parquet"
-              else ray.data.read_json(files, filesystem=local))
+        ds = (ray.data.read_parquet(files, filesystem=local, override_num_blocks=len(files)) if found == "parquet"
+              else ray.data.read_json(files, filesystem=local, override_num_blocks=len(files)))
         out, report = ray_engine.perturb_dataset(ds, field, anonymizer, ship_index=ship)
         if found == "parquet":
             out.write_parquet(output)

@@ -282,7 +282,8 @@ def test_report_holds_no_text(glove_small) -> None:  # type: ignore[no-untyped-d
 
 
 def test_build_report_is_the_cli_core(anon: Anonymizer) -> None:
-    from privtext.pipeline import PerturbOutcome, PerturbSettings
+    from privtext.run.perturb import PerturbOutcome
+    from privtext.settings import PerturbSettings
 
     anon.perturb(TEXTS, stream=0)
     settings = PerturbSettings(mechanism="gumbel", epsilon=300, seed="api-test", workers=1)

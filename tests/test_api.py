@@ -336,3 +336,10 @@ def test_limit_threads_sets_and_restores_faiss_and_blas() -> None:
     assert current_limits()["faiss"] == 2
     with pytest.raises(UsageError, match="at least 1"):
         privtext.limit_threads(0)
+
+
+def test_report_with_risk_adds_the_attack_success_section(anon: Anonymizer) -> None:
+    anon.perturb(TEXTS, stream=0)
+    assert "skipped" in anon.report()["attack_success"]
+    risk = anon.report(risk=True)["attack_success"]
+    assert set(risk) >= {"uniform", "zipf"} and 0 <= risk["uniform"]["attack_success"] <= 1

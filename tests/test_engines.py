@@ -226,6 +226,7 @@ def test_cli_engine_reads_shard_directories_and_counts_like_the_local_path(
     assert _report_counts(report) == _expected_report_counts(_local_counts(glove_small))
     assert report["engine"]["name"] == engine and report["input"]["shards"] == 3
     assert report["randomness"]["mode"] == "seeded"
+    assert "uniform" in report["attack_success"]  # the CLI's risk section, as on the local path
     if fmt == "parquet":
         rows = pq.read_table(out).sort_by("id")
         texts, tags = rows.column("text").to_pylist(), rows.column("tag").to_pylist()

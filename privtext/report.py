@@ -226,6 +226,13 @@ def summary(report: dict[str, Any]) -> str:
             f"privtext: attack success ({u['method']}): {u['attack_success']:.3g} with a uniform "
             f"prior (baseline {u['baseline']:.2g})"
             + (f", {z['attack_success']:.3g} with a zipf prior (baseline {z['baseline']:.2g})" if z else ""))
+    recall = m.get("derived", {}).get("hnsw_recall")
+    if recall:
+        lines.append(
+            f"privtext: nearest-word search: HNSW (approximate, efSearch {recall['efSearch']}), "
+            f"recall@1 {recall['recall_at_1_zipf']:.3f} (Zipf-weighted words) / "
+            f"{recall['recall_at_1_uniform']:.3f} (uniform words) on noisy queries vs exact search"
+        )
     if report["timing"]["seconds"] is not None:
         lines.append(f"privtext: {report['timing']['word_tokens_per_second'] or 0:,.0f} words/s "
                      f"in {report['timing']['seconds']:.2f} s")

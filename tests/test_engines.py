@@ -18,7 +18,7 @@ import pytest
 
 from privtext.api import Anonymizer
 from privtext.counters import Counters
-from privtext.errors import InputTypeError, UsageError
+from privtext.errors import IndexCacheError, InputTypeError, UsageError
 
 pytestmark = pytest.mark.engine
 
@@ -137,6 +137,25 @@ def test_spark_refuses_a_missing_or_non_text_column(spark, glove_small) -> None:
         perturb_dataframe(df, "id", anon)
 
 
+def _moved_cache_anonymizer(glove_small, tmp_path: Path) -> Anonymizer:  # type: ignore[no-untyped-def]
+    """An Anonymizer whose cache left the driver's path after it was opened (as on an executor
+    that has no shared filesystem)."""
+    cache = tmp_path / "cache"
+    shutil.copytree(glove_small.path, cache)
+    anon = Anonymizer("gumbel", epsilon=300, index=cache)
+    cache.rename(tmp_path / "gone")
+    return anon
+
+
+def test_spark_executor_without_the_cache_fails_in_one_line_naming_the_fix(spark, glove_small, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from privtext.engines.spark import perturb_dataframe
+
+    df = spark.createDataFrame(TABLE.to_pandas()).coalesce(1)
+    with pytest.raises(IndexCacheError, match=r"is not on this machine.*ship_index=True") as info:
+        perturb_dataframe(df, "text", _moved_cache_anonymizer(glove_small, tmp_path))
+    assert "\n" not in str(info.value)
+
+
 # --- Ray ------------------------------------------------------------------------------------------
 
 
@@ -187,6 +206,15 @@ def test_ray_is_reproducible_keyed_by_block_and_shipping_gives_the_same_output(r
     first_block = pa.concat_tables(ray_local.get(ds.to_arrow_refs())[:1])
     local = Anonymizer("gumbel", epsilon=300, index=glove_small, seed=5).perturb_arrow(first_block, stream=(0, 0))
     assert outputs[0].column("text").to_pylist()[: first_block.num_rows] == local.column("text").to_pylist()
+
+
+def test_ray_actor_without_the_cache_fails_in_one_line_naming_the_fix(ray_local, glove_small, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from privtext.engines.ray import perturb_dataset
+
+    ds = ray_local.data.from_arrow(TABLE)
+    with pytest.raises(IndexCacheError, match=r"is not on this machine.*ship_index=True") as info:
+        perturb_dataset(ds, "text", _moved_cache_anonymizer(glove_small, tmp_path))
+    assert "\n" not in str(info.value)
 
 
 # --- the CLI over a directory of shards ------------------------------------------------------------

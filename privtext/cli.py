@@ -237,6 +237,8 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
                               index=result.index)
             report = run_shards(engine, list(inputs), output, anon, settings.field, fmt_name,
                                 engine_address, settings.effective_workers())
+            report["attack_success"] = (report_mod.attack_success_section(anon.mechanism) if with_risk
+                                        else {"skipped": "left out with --no-risk; privtext risk computes it"})
             if report_path:
                 write_text_atomic(report_path, report_mod.to_json(report), list(inputs), "report")
             if not quiet:

@@ -169,8 +169,7 @@ def exact_neighbor_table(
     n, dim = v32.shape
     k = min(k, n)
     threads = threads or default_threads()
-    v64 = v32.astype(np.float64)
-    norms = np.einsum("ij,ij->i", v64, v64)
+    norms = np.einsum("ij,ij->i", v32, v32, dtype=np.float64)
     # Augmented rows: left_i · right_j = ‖x_i‖² + ‖x_j‖² − 2 x_i·x_j = ‖x_i − x_j‖².
     q = norms.astype(np.float32)
     left = np.empty((n, dim + 2), dtype=np.float32)
@@ -270,7 +269,8 @@ class _CandidateScan:
         # Per block: pending (owner position, neighbour position) pairs, and the best k so far.
         self.pending: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in self.blocks]
         self.pending_size = [0] * len(self.blocks)
-        self.best_ids = np.full((n, k), -1, dtype=np.int32)  # original word ids
+        # The best k so far, rows indexed by word id (the final table, filled in place).
+        self.best_ids = np.full((n, k), -1, dtype=np.int32)
         self.best_dist = np.full((n, k), np.inf, dtype=np.float64)
         self.total_candidates = 0
         self._local = threading.local()
@@ -334,7 +334,8 @@ class _CandidateScan:
         lo, hi = self.blocks[block]
         dist = pair_distances(self.vectors, owners, positions)
         nbrs = self.order[positions].astype(np.int32)
-        best_ids, best_dist = self.best_ids[lo:hi], self.best_dist[lo:hi]
+        words = self.order[lo:hi]
+        best_ids, best_dist = self.best_ids[words], self.best_dist[words]
         held = best_ids >= 0
         local = np.concatenate([np.nonzero(held)[0], owners - lo]).astype(np.uint16)
         nbrs = np.concatenate([best_ids[held], nbrs])
@@ -353,12 +354,11 @@ class _CandidateScan:
         sel = rank < self.k
         best_ids[local[sel], rank[sel]] = nbrs[sel]
         best_dist[local[sel], rank[sel]] = dist[sel]
+        self.best_ids[words], self.best_dist[words] = best_ids, best_dist
 
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
         if (self.best_ids < 0).any():
             # Impossible by construction (each row's K bounding words pass its threshold); a
             # failure here is a bug, and a wrong table must never be written.
             raise RuntimeError("neighbour table scan found fewer than K candidates for a word")
-        inverse = np.empty_like(self.order)
-        inverse[self.order] = np.arange(self.n)
-        return self.best_ids[inverse], self.best_dist[inverse]
+        return self.best_ids, self.best_dist

@@ -95,8 +95,14 @@ def _foreign_vectors(version: Path) -> None:
     np.save(path, vectors[::-1].copy())  # same size, shape and dtype; rows of another order
 
 
+def _remove_version(version: Path) -> None:
+    import shutil
+
+    shutil.rmtree(version)
+
+
 @pytest.mark.parametrize("damage", [_swap_two_words, _truncate_npy, _remove_faiss, _garbage_manifest,
-                                    _edited_manifest, _foreign_vectors])
+                                    _edited_manifest, _foreign_vectors, _remove_version])
 def test_damaged_cache_is_an_error_naming_the_fix(built, damage) -> None:  # type: ignore[no-untyped-def]
     spec, cache, index = built
     damage(index.path)

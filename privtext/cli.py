@@ -16,12 +16,7 @@ from typing import Any
 import click
 
 from privtext import __version__
-from privtext.errors import PrivtextError, UsageError
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from privtext.errors import Interrupted, PrivtextError, UsageError
 
 
 class _PipeClosed(Exception):
@@ -107,44 +102,33 @@ def _parse_param_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
     return params
 
 
-def _load_config(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise UsageError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"config file {path} is not valid TOML ({exc})") from None
-
-
-# Options a config file may set; anything else in it is refused so typos do not pass silently.
-_CONFIG_KEYS = {"mechanism", "epsilon", "params", "field", "oov", "mask_token", "on_error",
-                "chunk_size", "workers", "embeddings", "embeddings_format", "vocab_size",
-                "neighbors", "format"}
+# The perturb options that a --config file may also set: given on the command line, a flag wins.
+_SETTING_OPTIONS = ("mechanism", "epsilon", "field", "oov", "mask_token", "on_error", "chunk_size",
+                    "workers", "embeddings", "embeddings_format", "vocab_size", "neighbors")
 
 
 @cli.command()
 @click.argument("inputs", nargs=-1, metavar="[INPUT ...]")
-@click.option("-o", "--output", default="-", show_default=True, help="Output path, or - for stdout.")
+@click.option("-o", "--output", default="-", show_default=True,
+              help="Output path, or - for stdout. A symlink is written through; a pipe or device "
+                   "is streamed into; a regular file is replaced atomically.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet", "text"]), default=None,
               help="Corpus format (inferred from the extension; required for stdin).")
 @click.option("--field", default="text", show_default=True,
               help="Field to perturb (dotted path for nested JSON; a column for Parquet).")
 @click.option("--mechanism", default="gumbel", show_default=True, help="See: privtext mechanisms.")
-@click.option("--epsilon", type=float, default=None, help="Privacy parameter ε of the mechanism.")
+@click.option("--epsilon", default=None, help="Privacy parameter ε of the mechanism.")
 @click.option("--param", "param_pairs", multiple=True, metavar="KEY=VALUE",
               help="Mechanism parameter (repeatable).")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--config", "config_path", type=click.Path(path_type=Path),
               help="TOML file with mechanism, epsilon, [params] and other options; flags override it.")
 @click.option("--search", type=click.Choice(["exact", "hnsw"]), default=None,
               help="Nearest-word search of laplace, mahalanobis and vickrey (same as --param "
                    "search=...): exact (default) or hnsw (approximate, faster; same guarantee; "
                    "the report gives its measured recall@1).")
 @_embedding_options
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Worker processes (default: number of cores).")
+@click.option("--workers", type=click.IntRange(min=0), default=0,
+              help="Worker processes (0, the default: one per core).")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Records per chunk (use 1 to stream a pipe line by line).")
 @click.option("--seed", default=None, help="Reproducible run (voids privacy if the seed is known).")
@@ -154,73 +138,87 @@ _CONFIG_KEYS = {"mechanism", "epsilon", "params", "field", "oov", "mask_token", 
 @click.option("--on-error", type=click.Choice(["fail", "skip", "keep"]), default="fail", show_default=True,
               help="Unreadable record: stop, drop it, or copy it unchanged.")
 @click.option("--report", "report_path", default=None, help="Write the JSON epsilon report here.")
+@click.option("--resume", is_flag=True,
+              help="Continue a killed or failed run of the same command from its last committed "
+                   "chunk (and keep the finished part if this run fails too).")
 @click.option("-q", "--quiet", is_flag=True, help="No summary or progress on stderr.")
+@click.option("--engine", type=click.Choice(["local", "spark", "ray"]), default="local", show_default=True,
+              help="local: this machine's worker pool. spark|ray: read JSONL/Parquet shards (files, "
+                   "directories, globs) with the engine and write part files to -o OUT_DIR "
+                   "(needs privtext[spark] or privtext[ray]; see docs/engines.md).")
+@click.option("--engine-address", default=None, metavar="URL",
+              help="Cluster for --engine spark|ray (spark://…, ray://… or auto); the index is then "
+                   "shipped by the engine. Default: local mode on --workers cores.")
 @click.pass_context
 def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str | None, field: str,
-            mechanism: str, epsilon: float | None, param_pairs: tuple[str, ...], config_path: Path | None,
+            mechanism: str, epsilon: str | None, param_pairs: tuple[str, ...], config_path: Path | None,
             search: str | None, embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
-            cache_dir: Path | None, trust_pickle: bool, workers: int | None, chunk_size: int,
+            cache_dir: Path | None, trust_pickle: bool, workers: int, chunk_size: int,
             seed: str | None, oov: str, mask_token: str, on_error: str, report_path: str | None,
-            quiet: bool) -> None:
+            resume: bool, quiet: bool, engine: str, engine_address: str | None) -> None:
     """Perturb the text of a JSONL, Parquet or text corpus and write an epsilon report."""
     from privtext import report as report_mod
-    from privtext.pipeline import PerturbSettings, default_workers, run_perturb
-
-    config = _load_config(config_path)
-    unknown = set(config) - _CONFIG_KEYS
-    if unknown:
-        raise UsageError(f"unknown key(s) in {config_path}: {', '.join(sorted(unknown))}; "
-                         f"valid keys: {', '.join(sorted(_CONFIG_KEYS))}")
-
-    def pick(name: str, value: Any) -> Any:
-        """A flag given on the command line wins over the config file, which wins over defaults."""
-        source = ctx.get_parameter_source(name)
-        if source is click.core.ParameterSource.DEFAULT and name in config:
-            return config[name]
-        return value
-
-    params = {str(k): v for k, v in config.get("params", {}).items()}
-    params.update(_parse_param_pairs(param_pairs))
-    if search is not None:
-        params["search"] = search
-    epsilon = pick("epsilon", epsilon)
-    if epsilon is None:
-        raise UsageError("--epsilon is required (or set epsilon in --config); see privtext mechanisms")
-    settings = PerturbSettings(
-        mechanism=pick("mechanism", mechanism),
-        epsilon=float(epsilon),
-        params=params,
-        field=pick("field", field),
-        oov=pick("oov", oov),
-        mask_token=pick("mask_token", mask_token),
-        on_error=pick("on_error", on_error),
-        chunk_size=int(pick("chunk_size", chunk_size)),
-        workers=int(pick("workers", workers) or default_workers()),
-        seed=seed,
-    )
-    settings.validate()
     from privtext.mechanisms import get
+    from privtext.run.outputs import write_text_atomic
+    from privtext.run.perturb import execute, plan_run, signals_as_interrupts
+    from privtext.settings import PerturbSettings, load_config
 
+    given = dict(ctx.params, format=fmt)
+    flags: dict[str, Any] = {
+        name: given[name] for name in (*_SETTING_OPTIONS, "format")
+        if ctx.get_parameter_source("fmt" if name == "format" else name)
+        is not click.core.ParameterSource.DEFAULT
+    }
+    flags["params"] = _parse_param_pairs(param_pairs)
+    if search is not None:
+        flags["params"]["search"] = search
+    flags["seed"] = seed
+    settings = PerturbSettings.from_sources(load_config(config_path), flags,
+                                            config_name=str(config_path))
     mech_cls = get(settings.mechanism)  # fail on an unknown name before any index work
     if search is not None and "search" not in {f.name for f in dataclasses.fields(mech_cls.Params)}:
         raise UsageError(f"--search applies only to laplace, mahalanobis and vickrey, not to "
                          f"{settings.mechanism}; leave it out")
-    if settings.oov == "keep" and not quiet:
+    if settings.oov.value == "keep" and not quiet:
         click.echo("privtext: WARNING: --oov keep passes out-of-vocabulary words through "
                    "unperturbed; they are not protected", err=True)
-    result = _open_index(pick("embeddings", embeddings), pick("embeddings_format", embeddings_format),
-                         int(pick("vocab_size", vocab_size)), int(pick("neighbors", neighbors)),
-                         cache_dir, trust_pickle, quiet=quiet)
-    try:
-        outcome = run_perturb(list(inputs) or ["-"], output, settings, result.index,
-                              fmt=pick("format", fmt), progress=False if quiet else None)
-    except BrokenPipeError:
-        raise _PipeClosed() from None
+    note = None if quiet else (lambda msg: click.echo(f"privtext: {msg}", err=True))
+    fmt_name = settings.format.value if settings.format is not None else None
+    if engine != "local":
+        from privtext.engines.shards import validate
+
+        validate(engine, list(inputs), output, settings.field, fmt_name)
+        if settings.on_error.value != "fail":
+            raise UsageError("--on-error skip|keep works with --engine local only; the engines stop "
+                             "on a malformed record")
+        if resume:
+            raise UsageError("--resume works with --engine local only; rerun the engine job instead")
+    else:
+        plan = plan_run(list(inputs), output, settings, report=report_path, resume=resume)
+    with signals_as_interrupts():
+        result = _open_index(settings.embeddings, settings.embeddings_format, settings.vocab_size,
+                             settings.neighbors, cache_dir, trust_pickle, quiet=quiet)
+        if engine != "local":
+            from privtext.api import Anonymizer
+            from privtext.engines.shards import run_shards
+
+            anon = Anonymizer(settings.mechanism, epsilon=settings.epsilon, params=settings.params,
+                              oov=settings.oov.value, mask_token=settings.mask_token, seed=seed,
+                              index=result.index)
+            report = run_shards(engine, list(inputs), output, anon, settings.field, fmt_name,
+                                engine_address, settings.effective_workers())
+            if report_path:
+                write_text_atomic(report_path, report_mod.to_json(report), list(inputs), "report")
+            if not quiet:
+                click.echo(report_mod.summary(report), err=True, nl=False)
+            return
+        try:
+            outcome = execute(plan, result.index, progress=False if quiet else None, notify=note)
+        except BrokenPipeError:
+            raise _PipeClosed() from None
     report = report_mod.build_report(outcome)
     if report_path:
-        from privtext.io import write_text_atomic
-
-        write_text_atomic(report_path, report_mod.to_json(report))
+        write_text_atomic(report_path, report_mod.to_json(report), list(inputs), "report")
     if not quiet:
         click.echo(report_mod.summary(report), err=True, nl=False)
 
@@ -253,21 +251,40 @@ def mechanisms_cmd(as_json: bool) -> None:
 
 
 def main() -> None:
-    """Entry point: runs the CLI, turns library errors into one line, ends quietly on a closed pipe."""
+    """Entry point: runs the CLI, turns every failure a user can meet into one line and an exit
+    code (1 data/environment, 2 usage, 128+N for signal N), ends quietly on a closed pipe.
+    `--debug` (or PRIVTEXT_DEBUG=1) shows the traceback instead."""
+    debug = "--debug" in sys.argv[1:] or os.environ.get("PRIVTEXT_DEBUG") == "1"
+    if "--debug" in sys.argv[1:]:
+        sys.argv.remove("--debug")
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        # click turns KeyboardInterrupt (and so our Interrupted) into Abort; keep the signal's code
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, Interrupted):
+            name = {2: "Interrupted", 15: "Terminated", 1: "Hung up"}.get(cause.signum, "Stopped")
+            click.echo(f"{name}; nothing was published.", err=True)
+            sys.exit(cause.exit_code)
         click.echo("Aborted.", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except UsageError as exc:
+        if debug:
+            raise
         click.echo(f"Error: {exc}", err=True)
         sys.exit(2)
     except PrivtextError as exc:
+        if debug:
+            raise
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
+    except Interrupted as exc:
+        name = {2: "Interrupted", 15: "Terminated", 1: "Hung up"}.get(exc.signum, "Stopped")
+        click.echo(f"{name}; nothing was published.", err=True)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("Interrupted; no partial output file was left.", err=True)
         sys.exit(130)
@@ -277,6 +294,25 @@ def main() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(0)
+    except MemoryError:
+        if debug:
+            raise
+        click.echo("Error: out of memory; rerun with fewer --workers or a smaller --chunk-size "
+                   "(add --resume to continue)", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        if debug:
+            raise
+        click.echo(f"Error: {exc.strerror or exc}"
+                   + (f": {exc.filename}" if exc.filename else "")
+                   + "; check the path, permissions and free space", err=True)
+        sys.exit(1)
+    except Exception as exc:
+        if debug:
+            raise
+        click.echo(f"Error: internal error ({type(exc).__name__}); rerun with --debug for the "
+                   "traceback and report it", err=True)
+        sys.exit(1)
 
 
 # --- choosing ε by measured privacy and utility: stats, calibrate, evaluate ------------------
@@ -295,7 +331,7 @@ def _float_list(text: str, option: str) -> list[float]:
 def _write_or_echo(path: str | None, text: str) -> None:
     if path is None:
         return
-    from privtext.io import write_text_atomic
+    from privtext.run.outputs import write_text_atomic
 
     write_text_atomic(path, text)
 

@@ -31,3 +31,36 @@ class IndexCacheError(PrivtextError):
 
 class InputFormatError(PrivtextError):
     """A record of the input cannot be processed (bad JSON, missing field, bad encoding)."""
+
+
+class OutputError(PrivtextError):
+    """The output cannot be written: read-only directory, disk full, file-size limit, a directory
+    where a file is expected (an environment error, exit 1)."""
+
+
+class ResumeError(UsageError):
+    """`--resume` was asked for a run whose journal does not match the inputs or settings."""
+
+
+class WorkerError(PrivtextError):
+    """A worker process died or could not start (killed, out of memory, broken index cache)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, SIGTERM or SIGHUP: the run stops, cleans up and exits with 128 + the signal number.
+
+    A KeyboardInterrupt subclass, so every `finally` and `except KeyboardInterrupt` that already
+    cleans up after Ctrl-C does the same for the other signals."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class InputTypeError(UsageError, TypeError):
+    """A library call got the wrong kind of value (a bare string where a list of texts belongs,
+    a non-string column); also a TypeError, so generic callers can catch it as one."""

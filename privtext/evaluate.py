@@ -35,9 +35,9 @@ from typing import Any, cast
 import numpy as np
 
 from privtext.calibrate import DEFAULT_DRAWS, DEFAULT_SAMPLE, Calibrator, UnreachableTargetError
+from privtext.codecs import open_input, split_compression
 from privtext.errors import InputFormatError, UsageError
 from privtext.index import EmbeddingIndex
-from privtext.io import open_input, split_compression
 from privtext.mechanisms import create
 from privtext.mechanisms.base import Mechanism
 from privtext.randomness import chunk_rng, run_key, seed_commitment

@@ -261,7 +261,8 @@ def test_workers_after_the_parent_searched_faiss(tmp_path: Path, env: dict[str, 
         from pathlib import Path
         from privtext.embeddings import EmbeddingSource
         from privtext.index import IndexSpec, ensure_index
-        from privtext.pipeline import PerturbSettings, run_perturb
+        from privtext.run.perturb import run_perturb
+        from privtext.settings import PerturbSettings
         index = ensure_index(IndexSpec(EmbeddingSource(), 2000, 64), Path({str(cache_root)!r})).index
         index.faiss_index.search(np.ascontiguousarray(index.vectors[:100]), 5)   # parent searches first
         settings = PerturbSettings(mechanism="laplace", epsilon=2.0, workers=2, chunk_size=10, seed="1")

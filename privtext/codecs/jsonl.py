@@ -1,0 +1,142 @@
+"""JSON Lines: only the bytes of the perturbed string value change.
+
+A record is never re-serialised. The line is decoded once, its object walked with the standard
+library's C scanner (`scanstring` and `make_scanner` return the end index of each key and value),
+so Python runs once per key, not once per character; the new value, JSON-escaped, is spliced
+between the old value's start and end. Numbers of any size, `1e400`, escapes, spacing, key order
+and duplicate keys are kept byte for byte. A duplicated key has every occurrence perturbed (a
+reader may take either one). An invalid string (a lone surrogate, a bad escape) is a record
+error that `--on-error` decides, like a missing field.
+"""
+
+from __future__ import annotations
+
+import json
+import json.decoder
+import json.scanner
+import re
+from collections.abc import Callable
+from typing import Any
+
+from privtext.codecs.lines import LinesOut, RecordError, transform_lines
+
+# parse_int/parse_float=str: values are only skipped, never used, so no int-digit limit and
+# no float rounding can make a valid record fail.
+_SCAN = json.scanner.make_scanner(json.decoder.JSONDecoder(parse_int=str, parse_float=str))
+_scanstring = json.decoder.scanstring
+_encode = json.encoder.encode_basestring  # type: ignore[attr-defined]  # C-accelerated
+_WS = re.compile(r"[ \t\n\r]*")
+_ws = _WS.match
+_SPACE = " \t\n\r"
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def locate(line: str, path: list[str]) -> list[tuple[int, int, str]]:
+    """(start, end, value) of every string at `path` in the JSON object `line`.
+
+    Raises RecordError for invalid JSON, a missing field, a non-string value or an invalid
+    string. The reasons name the field, never content."""
+    found: list[tuple[int, int, str]] = []
+    try:
+        end = _walk(line, 0, path, 0, found)
+        if end < len(line) and line[end] in _SPACE:
+            end = _ws(line, end).end()
+        if end != len(line):
+            raise RecordError("not valid JSON")
+    except (ValueError, IndexError, RecursionError, StopIteration):
+        raise RecordError("not valid JSON") from None
+    if not found:
+        raise RecordError(f"field {'.'.join(path)!r} is missing")
+    return found
+
+
+def _walk(s: str, i: int, path: list[str], depth: int, found: list[tuple[int, int, str]]) -> int:
+    """Walks the object starting at (or after whitespace from) `i`; returns the index after it."""
+    if s[i] in _SPACE:
+        i = _ws(s, i).end()
+    if s[i] != "{":
+        if depth == 0:
+            _SCAN(s, i)  # invalid JSON is reported as such before "not an object"
+            raise RecordError("not a JSON object")
+        return _SCAN(s, i)[1]  # an intermediate path element that is not an object: skipped
+    want = path[depth]
+    last = depth == len(path) - 1
+    i += 1
+    if s[i] in _SPACE:
+        i = _ws(s, i).end()
+    if s[i] == "}":
+        return i + 1
+    while True:
+        if s[i] != '"':
+            raise ValueError("key expected")
+        key, i = _scanstring(s, i + 1)
+        if s[i] in _SPACE:
+            i = _ws(s, i).end()
+        if s[i] != ":":
+            raise ValueError("colon expected")
+        i += 1
+        if s[i] in _SPACE:
+            i = _ws(s, i).end()
+        if key != want:
+            end = _SCAN(s, i)[1]
+        elif not last:
+            end = _walk(s, i, path, depth + 1, found)  # no match inside: missing, said by locate
+        elif s[i] == '"':
+            value, end = _scanstring(s, i + 1)  # bad escapes raise ValueError -> invalid JSON
+            if _SURROGATE.search(s, i, end) is not None and _has_lone_surrogate(value):
+                raise RecordError(f"field {'.'.join(path)!r} holds an invalid string (lone surrogate)")
+            found.append((i, end, value))
+        else:
+            _SCAN(s, i)  # validate the value before calling it the wrong type
+            raise RecordError(f"field {'.'.join(path)!r} is not a string")
+        i = end
+        if s[i] in _SPACE:
+            i = _ws(s, i).end()
+        c = s[i]
+        if c == ",":
+            i += 1
+            if s[i] in _SPACE:
+                i = _ws(s, i).end()
+            continue
+        if c == "}":
+            return i + 1
+        raise ValueError("comma expected")
+
+
+def _has_lone_surrogate(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+class JsonlRecords:
+    """Parses one line into the texts to perturb and splices the replacements back."""
+
+    def __init__(self, path: list[str]):
+        self.path = path
+
+    def parse(self, body: bytes) -> tuple[Any, list[str]]:
+        try:
+            line = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RecordError("not valid UTF-8") from None
+        spans = locate(line, self.path)
+        return (line, spans), [value for _, _, value in spans]
+
+    def render(self, state: Any, texts: list[str]) -> bytes:
+        line, spans = state
+        pieces: list[str] = []
+        pos = 0
+        for (start, end, _), text in zip(spans, texts):
+            pieces.append(line[pos:start])
+            pieces.append(_encode(text))
+            pos = end
+        pieces.append(line[pos:])
+        return "".join(pieces).encode("utf-8")
+
+
+def transform(lines: list[bytes], first_line: int, path: list[str], on_error: str,
+              perturb: Callable[[list[str]], tuple[list[str], Any]]) -> LinesOut:
+    return transform_lines(lines, first_line, JsonlRecords(path), on_error, perturb, skip_blank=True)

@@ -1,0 +1,69 @@
+"""The record loop shared by the line formats (JSONL, text): parse, perturb the chunk, render.
+
+Every record's texts go to one `perturb` call for the whole chunk (the vectorised text path).
+A record that cannot be read is handled by `--on-error`: fail (stop, naming the line), skip
+(drop it) or keep (copy it unchanged). Reasons name lines and fields, never content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from privtext.text import ChunkCounters
+
+
+class RecordError(ValueError):
+    """One record cannot be processed; the message is a reason without content."""
+
+
+class RecordCodec(Protocol):
+    def parse(self, body: bytes) -> tuple[Any, list[str]]: ...
+
+    def render(self, state: Any, texts: list[str]) -> bytes: ...
+
+
+@dataclass
+class LinesOut:
+    payload: bytes
+    counters: ChunkCounters
+    error: tuple[int, str] | None = None  # (line number, reason) when --on-error fail stops
+
+
+def transform_lines(lines: list[bytes], first_line: int, codec: RecordCodec, on_error: str,
+                    perturb: Callable[[list[str]], tuple[list[str], ChunkCounters]],
+                    skip_blank: bool) -> LinesOut:
+    out: list[bytes] = list(lines)
+    texts: list[str] = []
+    slots: list[tuple[int, Any, bytes, int]] = []  # (position, parse state, line ending, n texts)
+    skipped = kept = 0
+    for pos, raw in enumerate(lines):
+        if raw.endswith(b"\n"):
+            body = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+        else:
+            body = raw
+        if skip_blank and (not body or body.isspace()):
+            continue  # blank lines pass through; they hold no record
+        try:
+            state, values = codec.parse(body)
+        except RecordError as exc:
+            if on_error == "fail":
+                return LinesOut(b"", ChunkCounters(), error=(first_line + pos, str(exc)))
+            if on_error == "skip":
+                out[pos] = b""
+                skipped += 1
+            else:
+                kept += 1
+            continue
+        texts.extend(values)
+        slots.append((pos, state, raw[len(body):], len(values)))
+    new_texts, counters = perturb(texts)
+    at = 0
+    for pos, state, ending, count in slots:
+        out[pos] = codec.render(state, new_texts[at : at + count]) + ending
+        at += count
+    # A duplicated key yields several texts for one record: count records, not values.
+    counters.records = len(slots)
+    counters.errors_skipped, counters.errors_kept = skipped, kept
+    return LinesOut(b"".join(out), counters)

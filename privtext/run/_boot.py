@@ -1,0 +1,25 @@
+"""Preloaded once by the fork server, so each worker forks with its heavy imports done.
+
+It runs in the fork server process, not in the user's process: the one-thread settings for BLAS
+and OpenMP are set here, before numpy and FAISS load (they read them once, at load time).
+"""
+
+import os
+
+for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+              "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    os.environ[_name] = "1"
+
+import numpy  # noqa: E402, F401
+
+try:
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+except ImportError:  # pragma: no cover - faiss is a dependency; a broken install fails later
+    pass
+
+import privtext.index  # noqa: E402
+import privtext.mechanisms  # noqa: E402
+import privtext.run.chunks  # noqa: E402
+import privtext.text  # noqa: E402, F401

@@ -1,0 +1,137 @@
+"""One chunk of records in, its output out: the per-process processor the executor runs.
+
+A chunk's randomness is `chunk_rng(run key, input number, chunk index)`, never the worker's, so
+the output is the same for any worker count and a resumed run reproduces it. The text work goes
+through `TextPerturber.perturb_texts`, the one place that tokenizes and perturbs; the format work
+through the codecs. A very long record is perturbed in pieces cut at whitespace (a word never
+holds whitespace), so memory follows a bounded piece, not the record: one 30 MB record does not
+turn into gigabytes of token lists.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from privtext.codecs import jsonl as jsonl_codec
+from privtext.codecs import text as text_codec
+from privtext.codecs.compression import compress_piece
+from privtext.index import EmbeddingIndex
+from privtext.mechanisms import create
+from privtext.mechanisms.base import Mechanism
+from privtext.randomness import chunk_rng
+from privtext.settings import Format, PerturbSettings
+from privtext.text import ChunkCounters, TextPerturber
+
+LONG_DOCUMENT_CHARS = 1 << 20  # longer records are perturbed piece by piece
+PIECE_CHARS = 1 << 18
+_SPACE = re.compile(r"\s")
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    input_id: int
+    chunk_index: int
+    first_line: int  # 1-based line number of the chunk's first record (0 for Parquet)
+    fmt: Format
+    payload: list[Any]  # raw lines (bytes) for jsonl/text, column values for Parquet
+    compression: str | None = None  # line formats: compress the output piece (.gz / .zst)
+
+
+@dataclass
+class ChunkResult:
+    chunk_index: int
+    payload: Any  # bytes for jsonl/text, list[str | None] for Parquet
+    counters: ChunkCounters
+    error: tuple[int, str] | None = None  # (line number, reason) when --on-error fail stops
+
+
+def split_long(text: str, piece: int = PIECE_CHARS) -> list[str]:
+    """Pieces of about `piece` characters, each cut just before a whitespace character."""
+    pieces: list[str] = []
+    start = 0
+    while len(text) - start > piece:
+        cut = max(text.rfind(c, start + 1, start + piece) for c in " \n\t\r")
+        if cut <= start:
+            match = _SPACE.search(text, start + piece)
+            if match is None:
+                break
+            cut = match.start()
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def perturb_documents(perturber: TextPerturber, texts: list[str], rng: np.random.Generator,
+                      long_chars: int = LONG_DOCUMENT_CHARS) -> tuple[list[str], ChunkCounters]:
+    """perturb_texts for a chunk, with long documents cut into pieces (counted as one document)."""
+    if all(len(t) <= long_chars for t in texts):
+        return perturber.perturb_texts(texts, rng)
+    out: list[str] = list(texts)
+    total = ChunkCounters()
+    short = [i for i, t in enumerate(texts) if len(t) <= long_chars]
+    if short:
+        done, counters = perturber.perturb_texts([texts[i] for i in short], rng)
+        for i, new in zip(short, done):
+            out[i] = new
+        total.merge(counters)
+    for i, text in enumerate(texts):
+        if len(text) <= long_chars:
+            continue
+        parts: list[str] = []
+        perturbed = 0
+        for piece in split_long(text):
+            (new,), counters = perturber.perturb_texts([piece], rng)
+            parts.append(new)
+            perturbed += counters.perturbed
+            counters.records = 0
+            counters.doc_hist = np.zeros(1, dtype=np.int64)
+            total.merge(counters)
+        out[i] = "".join(parts)
+        hist = np.zeros(perturbed + 1, dtype=np.int64)
+        hist[perturbed] = 1
+        total.merge(ChunkCounters(records=1, doc_hist=hist))
+    return out, total
+
+
+class ChunkProcessor:
+    """Turns one chunk into its output. One instance per process (a worker, or the caller)."""
+
+    def __init__(self, index: EmbeddingIndex, mechanism: Mechanism, settings: PerturbSettings, key: int):
+        self.settings = settings
+        self.key = key
+        self.perturber = TextPerturber(index, mechanism, settings.oov, settings.mask_token)
+        self.path = settings.field_path
+
+    def process(self, task: ChunkTask) -> ChunkResult:
+        rng = chunk_rng(self.key, task.input_id, task.chunk_index)
+
+        def perturb(texts: list[str]) -> tuple[list[str], ChunkCounters]:
+            return perturb_documents(self.perturber, texts, rng)
+
+        if task.fmt is Format.PARQUET:
+            values: list[str | None] = task.payload
+            slots = [i for i, v in enumerate(values) if v is not None]
+            texts, counters = perturb([values[i] for i in slots])  # type: ignore[misc]
+            new_values = list(values)
+            for i, text in zip(slots, texts):
+                new_values[i] = text
+            counters.null_values = len(values) - len(slots)
+            return ChunkResult(task.chunk_index, new_values, counters)
+        codec = jsonl_codec if task.fmt is Format.JSONL else text_codec
+        out = codec.transform(task.payload, task.first_line, self.path, self.settings.on_error.value, perturb)
+        return ChunkResult(task.chunk_index, compress_piece(out.payload, task.compression),
+                           out.counters, out.error)
+
+
+def build_processor(index_path: str, settings: PerturbSettings, key: int) -> ChunkProcessor:
+    """The worker-side factory: opens the index cache by path (memory-mapped, shared through the
+    page cache) and creates the mechanism, whose derived files the caller already prepared."""
+    index = EmbeddingIndex(Path(index_path))
+    mechanism = create(settings.mechanism, index, settings.epsilon, settings.params)
+    return ChunkProcessor(index, mechanism, settings, key)

@@ -206,6 +206,7 @@ class DensityMechanism(Mechanism):
         augmented_vectors(self.index)
         if self.dparams.sampler == "exact":
             _ = self.log_prior
+            self.sampler.prepare()  # the envelope's reverse-neighbour list, before workers start
 
     def derived(self) -> dict[str, Any]:
         p = self.dparams

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from privtext.index import Geometry
-from privtext.mechanisms.base import Guarantee, Mechanism, MechanismParams
+from privtext.mechanisms.base import Guarantee, Mechanism, MechanismParams, pair_distances, pair_ids
 from privtext.mechanisms.nearest import NearestSearch, SearchParams, nearest_words, search_condition
 from privtext.mechanisms.registry import register
 from privtext.mechanisms.sampling import uniform_directions
@@ -55,6 +55,11 @@ class LaplaceMechanism(NearestSearch, Mechanism):
                 f"per-token pure bound ε·Δ_max with Δ_max = {geometry.delta_max:.4g} ({geometry.delta_max_kind})",
             ),
         )
+
+    def privacy_loss(self, x_ids: np.ndarray, x2_ids: np.ndarray) -> np.ndarray:
+        """ε·d(x, x'), Euclidean, float64."""
+        x, x2 = pair_ids(x_ids, x2_ids)
+        return self.epsilon * pair_distances(self.index, x, x2)
 
     def derived(self) -> dict[str, Any]:
         dim = self.index.dim

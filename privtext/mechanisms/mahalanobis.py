@@ -22,7 +22,7 @@ import numpy as np
 
 from privtext.errors import ParameterError
 from privtext.index import EmbeddingIndex, Geometry
-from privtext.mechanisms.base import Guarantee, Mechanism, MechanismParams, param
+from privtext.mechanisms.base import Guarantee, Mechanism, MechanismParams, pair_ids, param
 from privtext.mechanisms.laplace import laplace_noise
 from privtext.mechanisms.nearest import NearestSearch, SearchParams, nearest_words, search_condition
 from privtext.mechanisms.registry import register
@@ -80,6 +80,15 @@ def mahalanobis_noise(rng: np.random.Generator, count: int, sqrt_shape: np.ndarr
     return laplace_noise(rng, count, sqrt_shape.shape[0], epsilon) @ sqrt_shape
 
 
+def mahalanobis_distances(index: EmbeddingIndex, sqrt_shape: np.ndarray, x: np.ndarray,
+                          x2: np.ndarray) -> np.ndarray:
+    """d_M(x, x') = ‖M^{−1/2}(φ(x) − φ(x'))‖ = ‖w‖ with M^{1/2}·w = φ(x) − φ(x') (float64)."""
+    diff = (np.asarray(index.vectors[x], dtype=np.float64)
+            - np.asarray(index.vectors[x2], dtype=np.float64))
+    w = np.linalg.solve(np.asarray(sqrt_shape, dtype=np.float64), diff.T)
+    return np.sqrt(np.einsum("ij,ij->j", w, w))
+
+
 def mahalanobis_guarantee(epsilon: float, lam: float, geometry: Geometry,
                           post_processing: str = "", search: str = "exact") -> Guarantee:
     euclidean = epsilon / math.sqrt(1.0 - lam)
@@ -126,6 +135,13 @@ class MahalanobisMechanism(NearestSearch, Mechanism):
     def privacy_map(cls, epsilon: float, params: MechanismParams, geometry: Geometry) -> Guarantee:
         assert isinstance(params, MahalanobisParams)
         return mahalanobis_guarantee(epsilon, params.lam, geometry, search=params.search)
+
+    def privacy_loss(self, x_ids: np.ndarray, x2_ids: np.ndarray) -> np.ndarray:
+        """ε·d_M(x, x') in the regularised Mahalanobis metric of the guarantee."""
+        x, x2 = pair_ids(x_ids, x2_ids)
+        out = self.epsilon * mahalanobis_distances(self.index, self.sqrt_shape, x, x2)
+        out[x == x2] = 0.0
+        return out
 
     @property
     def sqrt_shape(self) -> np.ndarray:

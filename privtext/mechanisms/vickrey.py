@@ -19,11 +19,19 @@ import numpy as np
 
 from privtext.errors import ParameterError
 from privtext.index import Geometry
-from privtext.mechanisms.base import Guarantee, Mechanism, MechanismParams, param
+from privtext.mechanisms.base import (
+    Guarantee,
+    Mechanism,
+    MechanismParams,
+    pair_distances,
+    pair_ids,
+    param,
+)
 from privtext.mechanisms.laplace import LaplaceMechanism, laplace_noise
 from privtext.mechanisms.mahalanobis import (
     DEFAULT_LAMBDA,
     check_lambda,
+    mahalanobis_distances,
     mahalanobis_guarantee,
     mahalanobis_noise,
     shape_sqrt_artifact,
@@ -96,6 +104,17 @@ class VickreyMechanism(NearestSearch, Mechanism):
                                           "and fresh randomness (post-processing)"),
             caveats=base.caveats,
         )
+
+    def privacy_loss(self, x_ids: np.ndarray, x2_ids: np.ndarray) -> np.ndarray:
+        """The base mechanism's map (the choice between w₁ and w₂ is post-processing): ε·d
+        (laplace) or ε·d_M (mahalanobis)."""
+        x, x2 = pair_ids(x_ids, x2_ids)
+        if self.vparams.base == "mahalanobis":
+            out = self.epsilon * mahalanobis_distances(self.index, self._sqrt_shape(), x, x2)
+        else:
+            out = self.epsilon * pair_distances(self.index, x, x2)
+        out[x == x2] = 0.0
+        return out
 
     @property
     def vparams(self) -> VickreyParams:

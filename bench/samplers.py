@@ -83,7 +83,9 @@ def mechanism_alone(index: Any, label: str, name: str, epsilon: float, params: d
 
 def end_to_end(name: str, epsilon: float, params: dict[str, Any], words: int, workers: int,
                vocab: int, out: Path) -> tuple[float, int, float]:
-    corpus, _, _ = throughput.newsgroups_jsonl(out / f"20ng-{words}.jsonl", words)
+    corpus = out / f"20ng-{words}.jsonl"
+    if not corpus.exists():
+        throughput.write_jsonl(corpus, throughput.take_words(throughput.newsgroups_texts(), words))
     report = out / f"report-{name}.json"
     cmd = [sys.executable, "-m", "privtext", "perturb", str(corpus), "-o", os.devnull, "--format", "jsonl",
            "--mechanism", name, "--epsilon", str(epsilon), "--vocab-size", str(vocab),

@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=100_000)
     parser.add_argument("--skip-e2e", action="store_true", help="mechanism call only")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply every token budget (e.g. 0.3 on a busy machine)")
     args = parser.parse_args(argv)
     os.environ.update(harness.SINGLE_THREAD_ENV)
 
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             prep_params = {k: v for k, v in params.items() if k != "method"}
             create(name, index, epsilon, prep_params).prepare()  # graph / prior built once
             prep = time.perf_counter() - t0
+            budget, e2e_words = int(budget * args.scale), int(e2e_words * args.scale)
             res = mechanism_alone(index, label, name, epsilon, params, budget, args.workers, Path(tmp))
             e2e = "-"
             recall = "-"

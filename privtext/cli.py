@@ -564,6 +564,7 @@ def audit_cmd(mechanism: str, epsilon: float, param_pairs: tuple[str, ...], embe
     index = _open_index(embeddings, embeddings_format, vocab_size, neighbors, cache_dir,
                         trust_pickle, quiet=quiet).index
     mech = create(mechanism, index, epsilon, _parse_param_pairs(param_pairs))
+    _warn_guarantee(mech, quiet)
     mech.prepare()
     rng = chunk_rng(run_key(seed), 0, 0)
     if words is not None:

@@ -68,10 +68,18 @@ def cli() -> None:
 # `privtext index --format` names the embedding format (there is no corpus here to confuse it with)
 @lambda f: _embedding_options(f, ("--format", "--embeddings-format"))
 @click.option("--force", is_flag=True, help="Rebuild even if a valid cache exists.")
+@click.option("--verify", is_flag=True,
+              help="Check every byte of the existing cache (sha256 of each file, the whole "
+                   "neighbour table, derived files); builds nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def index(embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
-          cache_dir: Path | None, trust_pickle: bool, force: bool, as_json: bool) -> None:
+          cache_dir: Path | None, trust_pickle: bool, force: bool, verify: bool, as_json: bool) -> None:
     """Load vectors, build and cache the FAISS index, neighbour table and geometry."""
+    if verify:
+        if force:
+            raise click.UsageError("--verify checks the existing cache; drop --force")
+        _verify_index(embeddings, embeddings_format, vocab_size, neighbors, cache_dir, trust_pickle, as_json)
+        return
     result = _open_index(embeddings, embeddings_format, vocab_size, neighbors, cache_dir,
                          trust_pickle, force=force, announce=False)
     manifest = result.index.manifest
@@ -90,6 +98,25 @@ def index(embeddings: str, embeddings_format: str, vocab_size: int, neighbors: i
     click.echo(f"  metric     {geo.metric}; neighbour table K = {geo.neighbors} (exact)")
     click.echo(f"  geometry   Δ_min = {geo.delta_min:.4f} (exact), Δ_max ≤ {geo.delta_max:.4f}, "
                f"median NN distance {geo.nn_distance_median:.3f}")
+
+
+def _verify_index(embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
+                  cache_dir: Path | None, trust_pickle: bool, as_json: bool) -> None:
+    from privtext.embeddings import EmbeddingSource
+    from privtext.errors import IndexCacheError
+    from privtext.index import EmbeddingIndex, IndexSpec, default_cache_root, read_pointer
+
+    spec = IndexSpec(EmbeddingSource(embeddings, embeddings_format, trust_pickle), vocab_size, neighbors)
+    slot = (cache_dir if cache_dir is not None else default_cache_root()) / spec.key()
+    if read_pointer(slot) is None:
+        raise IndexCacheError(f"no index cache at {slot} to verify; build it with: privtext index")
+    checked = EmbeddingIndex(slot).verify()
+    if as_json:
+        click.echo(json.dumps({"verified": True, **checked}, indent=2))
+        return
+    click.echo(f"index verified: {checked['path']}")
+    click.echo(f"  sha256 of {len(checked['files'])} files and {len(checked['derived'])} derived files match; "
+               f"neighbour table of {checked['rows']} rows well formed")
 
 
 def _parse_param_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -122,6 +149,10 @@ _SETTING_OPTIONS = ("mechanism", "epsilon", "field", "oov", "mask_token", "on_er
               help="Mechanism parameter (repeatable).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path),
               help="TOML file with mechanism, epsilon, [params] and other options; flags override it.")
+@click.option("--search", type=click.Choice(["exact", "hnsw"]), default=None,
+              help="Nearest-word search of laplace, mahalanobis and vickrey (same as --param "
+                   "search=...): exact (default) or hnsw (approximate, faster; same guarantee; "
+                   "the report gives its measured recall@1).")
 @_embedding_options
 @click.option("--workers", type=click.IntRange(min=0), default=0,
               help="Worker processes (0, the default: one per core).")
@@ -141,13 +172,20 @@ _SETTING_OPTIONS = ("mechanism", "epsilon", "field", "oov", "mask_token", "on_er
               help="Put the attack-success figure in the report (computed once per index, "
                    "mechanism, ε and params, then cached with the index).")
 @click.option("-q", "--quiet", is_flag=True, help="No summary or progress on stderr.")
+@click.option("--engine", type=click.Choice(["local", "spark", "ray"]), default="local", show_default=True,
+              help="local: this machine's worker pool. spark|ray: read JSONL/Parquet shards (files, "
+                   "directories, globs) with the engine and write part files to -o OUT_DIR "
+                   "(needs privtext[spark] or privtext[ray]; see docs/engines.md).")
+@click.option("--engine-address", default=None, metavar="URL",
+              help="Cluster for --engine spark|ray (spark://…, ray://… or auto); the index is then "
+                   "shipped by the engine. Default: local mode on --workers cores.")
 @click.pass_context
 def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str | None, field: str,
             mechanism: str, epsilon: str | None, param_pairs: tuple[str, ...], config_path: Path | None,
-            embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
+            search: str | None, embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
             cache_dir: Path | None, trust_pickle: bool, workers: int, chunk_size: int,
             seed: str | None, oov: str, mask_token: str, on_error: str, report_path: str | None,
-            resume: bool, with_risk: bool, quiet: bool) -> None:
+            resume: bool, with_risk: bool, quiet: bool, engine: str, engine_address: str | None) -> None:
     """Perturb the text of a JSONL, Parquet or text corpus and write an epsilon report."""
     from privtext import report as report_mod
     from privtext.mechanisms import get
@@ -162,18 +200,48 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
         is not click.core.ParameterSource.DEFAULT
     }
     flags["params"] = _parse_param_pairs(param_pairs)
+    if search is not None:
+        flags["params"]["search"] = search
     flags["seed"] = seed
     settings = PerturbSettings.from_sources(load_config(config_path), flags,
                                             config_name=str(config_path))
-    get(settings.mechanism)  # fail on an unknown name before any index work
-    plan = plan_run(list(inputs), output, settings, report=report_path, resume=resume)
+    mech_cls = get(settings.mechanism)  # fail on an unknown name before any index work
+    if search is not None and "search" not in {f.name for f in dataclasses.fields(mech_cls.Params)}:
+        raise UsageError(f"--search applies only to laplace, mahalanobis and vickrey, not to "
+                         f"{settings.mechanism}; leave it out")
     if settings.oov.value == "keep" and not quiet:
         click.echo("privtext: WARNING: --oov keep passes out-of-vocabulary words through "
                    "unperturbed; they are not protected", err=True)
     note = None if quiet else (lambda msg: click.echo(f"privtext: {msg}", err=True))
+    fmt_name = settings.format.value if settings.format is not None else None
+    if engine != "local":
+        from privtext.engines.shards import validate
+
+        validate(engine, list(inputs), output, settings.field, fmt_name)
+        if settings.on_error.value != "fail":
+            raise UsageError("--on-error skip|keep works with --engine local only; the engines stop "
+                             "on a malformed record")
+        if resume:
+            raise UsageError("--resume works with --engine local only; rerun the engine job instead")
+    else:
+        plan = plan_run(list(inputs), output, settings, report=report_path, resume=resume)
     with signals_as_interrupts():
         result = _open_index(settings.embeddings, settings.embeddings_format, settings.vocab_size,
                              settings.neighbors, cache_dir, trust_pickle, quiet=quiet)
+        if engine != "local":
+            from privtext.api import Anonymizer
+            from privtext.engines.shards import run_shards
+
+            anon = Anonymizer(settings.mechanism, epsilon=settings.epsilon, params=settings.params,
+                              oov=settings.oov.value, mask_token=settings.mask_token, seed=seed,
+                              index=result.index)
+            report = run_shards(engine, list(inputs), output, anon, settings.field, fmt_name,
+                                engine_address, settings.effective_workers())
+            if report_path:
+                write_text_atomic(report_path, report_mod.to_json(report), list(inputs), "report")
+            if not quiet:
+                click.echo(report_mod.summary(report), err=True, nl=False)
+            return
         try:
             outcome = execute(plan, result.index, progress=False if quiet else None, notify=note)
         except BrokenPipeError:

@@ -7,15 +7,17 @@ public identity and geometry, counts and timings.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from privtext import __version__
-from privtext.randomness import seed_commitment
-from privtext.run.perturb import PerturbOutcome
-from privtext.settings import OnError
+from privtext.counters import Counters
+from privtext.spec import RunSpec
 from privtext.text import OovPolicy
+
+if TYPE_CHECKING:
+    from privtext.run.perturb import PerturbOutcome
 
 LIMITATIONS = (
     "ε values are not comparable across mechanisms or embeddings; compare mechanisms at equal "
@@ -71,48 +73,54 @@ def attack_success_section(mechanism: Any) -> dict[str, Any]:
     return out
 
 
-def build_report(outcome: PerturbOutcome, risk: bool = True) -> dict[str, Any]:
-    """The epsilon report. `risk=False` leaves out the attack-success figure (it is computed
-    once per index, mechanism, ε and params, then cached; see privtext.risk)."""
-    mech = outcome.mechanism
-    index = mech.index
-    c = outcome.counters
-    settings = outcome.settings
-    guarantee = mech.guarantee.to_dict()
-    oov_policy = OovPolicy(settings.oov)
+
+def build_report(spec: RunSpec | Any, counters: Counters | dict[str, Any] | None = None,
+                 run_info: dict[str, Any] | None = None, *, risk: bool = True) -> dict[str, Any]:
+    """The epsilon report of a run from its spec, its merged counters and how it ran.
+
+    The one report builder: the CLI, the library (`Anonymizer.report()`) and the engines all call
+    it. `counters` may be a `Counters` or its `to_dict()`. `run_info` (all optional):
+    ``seconds``, ``input`` (a dict printed as the report's input section), ``engine`` (a dict:
+    name, partitioning, how streams were keyed), ``keyed_by`` (how randomness was keyed),
+    ``on_error`` (the bad-record policy, when records were parsed), ``attack_success`` (the
+    section `attack_success_section` computes; absent, the report says where to get it).
+
+    Called with a single `PerturbOutcome` (the former signature), it builds the CLI's report.
+    """
+    if counters is None and hasattr(spec, "settings") and hasattr(spec, "mechanism"):
+        return report_from_outcome(spec, risk=risk)
+    if counters is None:
+        counters = Counters()
+    c = counters if isinstance(counters, Counters) else Counters.from_dict(counters)
+    info = dict(run_info or {})
+    seconds = info.get("seconds")
+    guarantee = spec.guarantee
+    oov_policy = OovPolicy(spec.oov)
     report: dict[str, Any] = {
         "tool": {"name": "privtext", "version": __version__},
         "mechanism": {
-            "name": mech.name,
-            "reference": mech.reference,
-            "epsilon": mech.epsilon,
-            "params": mech.params.to_dict(),
-            "derived": mech.derived(),
+            "name": spec.mechanism,
+            "reference": spec.reference,
+            "epsilon": spec.epsilon,
+            "params": spec.params,
+            "derived": spec.derived,
         },
         "guarantee": guarantee,
-        "metric": index.geometry.metric,
-        "embedding": index.identity(),
-        "geometry": index.geometry.to_dict(),
+        "metric": spec.geometry.get("metric"),
+        "embedding": spec.embedding,
+        "geometry": spec.geometry,
         "randomness": {
-            "mode": "seeded" if settings.seed is not None else "os-entropy",
-            "seed_sha256": seed_commitment(settings.seed),
-            "keyed_by": "run key, input number, chunk index",
+            "mode": "seeded" if spec.seeded else "os-entropy",
+            "seed_sha256": spec.seed_sha256,
+            "keyed_by": info.get("keyed_by", "run key, stream id"),
             "warning": (
                 "a known seed lets anyone reproduce the noise and voids the privacy of this run"
-                if settings.seed is not None else None
+                if spec.seeded else None
             ),
         },
-        "input": {
-            "format": outcome.fmt,
-            "inputs": outcome.inputs,
-            "field": None if outcome.fmt == "text" else settings.field,
-            "chunk_size": settings.chunk_size,
-            "workers": outcome.workers,
-        },
-        "run": {
-            "resumed": outcome.resumed is not None,
-            **({"resume": outcome.resumed} if outcome.resumed is not None else {}),
-        },
+        "engine": info.get("engine", {"name": "local"}),
+        "input": info.get("input", {}),
+        "run": info.get("run", {"resumed": False}),
         "counts": {
             "records": c.records,
             "tokens": c.word_tokens + c.other_tokens,
@@ -125,16 +133,16 @@ def build_report(outcome: PerturbOutcome, risk: bool = True) -> dict[str, Any]:
                     "masked": c.oov if oov_policy is OovPolicy.MASK else 0,
                     "dropped": c.oov if oov_policy is OovPolicy.DROP else 0,
                     "passed_through": c.oov if oov_policy is OovPolicy.KEEP else 0},
-            "errors": {"policy": OnError(settings.on_error).value, "skipped": c.errors_skipped,
+            "errors": {"policy": info.get("on_error"), "skipped": c.errors_skipped,
                        "kept_unchanged": c.errors_kept},
             "null_values": c.null_values,
         },
         "per_document": document_bound_stats(c.doc_hist, guarantee["per_token_pure_bound"]),
-        "attack_success": (attack_success_section(mech) if risk else
-                           {"skipped": "left out with --no-risk; privtext risk computes it"}),
+        "attack_success": info.get("attack_success",
+                                   {"skipped": "not computed for this run; privtext risk computes it"}),
         "timing": {
-            "seconds": round(outcome.seconds, 3),
-            "word_tokens_per_second": round(c.word_tokens / outcome.seconds, 1) if outcome.seconds else None,
+            "seconds": round(seconds, 3) if seconds is not None else None,
+            "word_tokens_per_second": round(c.word_tokens / seconds, 1) if seconds else None,
         },
         "limitations": list(LIMITATIONS),
         "flags": [],
@@ -148,11 +156,40 @@ def build_report(outcome: PerturbOutcome, risk: bool = True) -> dict[str, Any]:
         report["flags"].append(
             f"--on-error keep: {c.errors_kept} unreadable records were copied unchanged and are not protected"
         )
-    for warning in mech.guarantee.warnings:
+    for warning in guarantee.get("warnings") or ():
         report["flags"].append(warning)
-    if mech.guarantee.approximate:
+    if guarantee.get("approximate"):
         report["flags"].append("the sampler only approximates the stated distribution; see guarantee")
     return report
+
+
+def report_from_outcome(outcome: PerturbOutcome, risk: bool = True) -> dict[str, Any]:
+    """The CLI's report: the same core as every other caller, fed from a finished local run."""
+    settings = outcome.settings
+    spec = RunSpec.from_mechanism(outcome.mechanism, OovPolicy(settings.oov).value, settings.mask_token,
+                                  settings.seed)
+    run_info = {
+        "seconds": outcome.seconds,
+        "keyed_by": "run key, input number, chunk index",
+        "on_error": getattr(settings.on_error, "value", settings.on_error),
+        "engine": {"name": "local", "workers": outcome.workers},
+        "input": {
+            "format": outcome.fmt,
+            "inputs": outcome.inputs,
+            "field": None if outcome.fmt == "text" else settings.field,
+            "chunk_size": settings.chunk_size,
+            "workers": outcome.workers,
+        },
+        "run": {
+            "resumed": outcome.resumed is not None,
+            **({"resume": outcome.resumed} if outcome.resumed is not None else {}),
+        },
+    }
+    if risk:
+        run_info["attack_success"] = attack_success_section(outcome.mechanism)
+    else:
+        run_info["attack_success"] = {"skipped": "left out with --no-risk; privtext risk computes it"}
+    return build_report(spec, outcome.counters, run_info)
 
 
 def to_json(report: dict[str, Any]) -> str:
@@ -189,8 +226,16 @@ def summary(report: dict[str, Any]) -> str:
             f"privtext: attack success ({u['method']}): {u['attack_success']:.3g} with a uniform "
             f"prior (baseline {u['baseline']:.2g})"
             + (f", {z['attack_success']:.3g} with a zipf prior (baseline {z['baseline']:.2g})" if z else ""))
-    lines.append(f"privtext: {report['timing']['word_tokens_per_second'] or 0:,.0f} words/s "
-                 f"in {report['timing']['seconds']:.2f} s")
+    recall = m.get("derived", {}).get("hnsw_recall")
+    if recall:
+        lines.append(
+            f"privtext: nearest-word search: HNSW (approximate, efSearch {recall['efSearch']}), "
+            f"recall@1 {recall['recall_at_1_zipf']:.3f} (Zipf-weighted words) / "
+            f"{recall['recall_at_1_uniform']:.3f} (uniform words) on noisy queries vs exact search"
+        )
+    if report["timing"]["seconds"] is not None:
+        lines.append(f"privtext: {report['timing']['word_tokens_per_second'] or 0:,.0f} words/s "
+                     f"in {report['timing']['seconds']:.2f} s")
     for flag in report["flags"]:
         lines.append(f"privtext: WARNING: {flag}")
     return "\n".join(lines) + "\n"

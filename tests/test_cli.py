@@ -351,3 +351,19 @@ def test_registered_mechanisms_all_have_an_example_config() -> None:
     from privtext.mechanisms import available
 
     assert {c.stem for c in CONFIGS} == set(available())
+
+
+def test_search_hnsw_option_reports_recall(tmp_path: Path, env: dict[str, str]) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", RECORDS)
+    report = tmp_path / "report.json"
+    proc = run(env, "perturb", str(src), "-o", str(tmp_path / "out.jsonl"), "--mechanism", "vickrey",
+               "--epsilon", "10", "--search", "hnsw", "--report", str(report), *VOCAB)
+    data = json.loads(report.read_text())
+    assert data["mechanism"]["params"]["search"] == "hnsw"
+    recall = data["mechanism"]["derived"]["hnsw_recall"]
+    assert 0.5 < recall["recall_at_1_zipf"] <= 1.0
+    assert "recall@1" in proc.stderr.decode()
+    assert any("HNSW" in c for c in data["guarantee"]["conditions"])
+    bad = run(env, "perturb", str(src), "--mechanism", "gumbel", "--epsilon", "300", "--search", "hnsw",
+              *VOCAB, check=False)
+    assert bad.returncode == 2 and b"--search applies only to laplace" in bad.stderr

@@ -246,7 +246,7 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
             outcome = execute(plan, result.index, progress=False if quiet else None, notify=note)
         except BrokenPipeError:
             raise _PipeClosed() from None
-    report = report_mod.build_report(outcome, risk=with_risk)
+    report = report_mod.build_report(outcome, risk=with_risk, notify=note)
     if report_path:
         write_text_atomic(report_path, report_mod.to_json(report), list(inputs), "report")
     if not quiet:

@@ -40,7 +40,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -362,7 +362,8 @@ def cache_key(mechanism: Mechanism, priors: Sequence[str], draws_per_word: int,
 
 def cached_attack_success(mechanism: Mechanism, priors: Sequence[str] = PRIORS,
                           draws_per_word: int = DEFAULT_DRAWS_PER_WORD,
-                          test_draws: int = DEFAULT_TEST_DRAWS) -> dict[str, RiskResult]:
+                          test_draws: int = DEFAULT_TEST_DRAWS,
+                          on_compute: Callable[[], None] | None = None) -> dict[str, RiskResult]:
     """`attack_success`, computed once per (index, mechanism, ε, params, draws) and cached with
     the index as a derived artifact. The Monte-Carlo stream is seeded from that key (public data
     only: vocabulary words of the public embedding), so the cached figure is well defined."""
@@ -371,6 +372,8 @@ def cached_attack_success(mechanism: Mechanism, priors: Sequence[str] = PRIORS,
     fresh: dict[str, RiskResult] = {}
 
     def build(_: EmbeddingIndex) -> np.ndarray:
+        if on_compute is not None:  # e.g. a one-line notice: the first time can take a minute
+            on_compute()
         fresh.update(attack_success(mechanism, priors, np.random.default_rng(seed),
                                     draws_per_word, test_draws))
         return np.array([[r.attack_success, r.interval[0], r.interval[1], r.draws, r.seconds,

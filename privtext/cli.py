@@ -248,7 +248,7 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
             outcome = execute(plan, result.index, progress=False if quiet else None, notify=note)
         except BrokenPipeError:
             raise _PipeClosed() from None
-    report = report_mod.build_report(outcome, risk=with_risk)
+    report = report_mod.build_report(outcome, risk=with_risk, notify=note)
     if report_path:
         write_text_atomic(report_path, report_mod.to_json(report), list(inputs), "report")
     if not quiet:
@@ -634,6 +634,7 @@ def audit_cmd(mechanism: str, epsilon: float, param_pairs: tuple[str, ...], embe
     index = _open_index(embeddings, embeddings_format, vocab_size, neighbors, cache_dir,
                         trust_pickle, quiet=quiet).index
     mech = create(mechanism, index, epsilon, _parse_param_pairs(param_pairs))
+    _warn_guarantee(mech, quiet)
     mech.prepare()
     rng = chunk_rng(run_key(seed), 0, 0)
     if words is not None:

@@ -42,7 +42,7 @@ EMBEDDINGS_FORMATS = ("auto", "glove", "word2vec", "word2vec-bin", "fasttext-vec
 DEFAULT_CHUNK_SIZE = 1000
 # A chunk also ends once it holds this many bytes, so a chunk of long records does not hold
 # chunk_size of them in memory at once: memory follows the largest record, not the chunk size.
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 1 << 20
 
 
 def default_workers() -> int:

@@ -117,15 +117,15 @@ class JsonlRecords:
     def __init__(self, path: list[str]):
         self.path = path
 
-    def parse(self, body: bytes) -> tuple[Any, list[str]]:
+    def parse(self, body: memoryview) -> tuple[Any, list[str]]:
         try:
-            line = body.decode("utf-8")
+            line = str(body, "utf-8")
         except UnicodeDecodeError:
             raise RecordError("not valid UTF-8") from None
         spans = locate(line, self.path)
         return (line, spans), [value for _, _, value in spans]
 
-    def render(self, state: Any, texts: list[str]) -> bytes:
+    def render(self, state: Any, texts: list[str], ending: str) -> bytes:
         line, spans = state
         pieces: list[str] = []
         pos = 0
@@ -134,6 +134,7 @@ class JsonlRecords:
             pieces.append(_encode(text))
             pos = end
         pieces.append(line[pos:])
+        pieces.append(ending)
         return "".join(pieces).encode("utf-8")
 
 

@@ -353,7 +353,7 @@ def _run_lines(plan: RunPlan, executor: ChunkExecutor, journal: Journal | None, 
                 if journal is not None:
                     sink.flush()  # the bytes are in the file before the journal claims them
                     journal.commit({"i": input_id, "c": result.chunk_index, "in": chunk.end_offset,
-                                    "line": chunk.first_line + len(chunk.lines), "out": sink.tell(),
+                                    "line": chunk.next_line, "out": sink.tell(),
                                     "n": counters_to_dict(result.counters)}, sink)
         finally:
             if stream is not sys.stdin.buffer:
@@ -363,10 +363,19 @@ def _run_lines(plan: RunPlan, executor: ChunkExecutor, journal: Journal | None, 
             journal.commit({"i": input_id, "done": True, "out": sink.tell()}, sink)
 
 
+@dataclass(frozen=True)
+class _LineMeta:
+    """What the writer needs of a chunk (not its lines: they travel to the worker only)."""
+
+    end_offset: int
+    next_line: int
+
+
 def _line_items(chunks: Iterator[LineChunk], input_id: int, first: int,
-                plan: RunPlan) -> Iterator[tuple[LineChunk, ChunkTask]]:
+                plan: RunPlan) -> Iterator[tuple[_LineMeta, ChunkTask]]:
     for n, chunk in enumerate(chunks, start=first):
-        yield chunk, ChunkTask(input_id, n, chunk.first_line, plan.fmt, chunk.lines, plan.compression)
+        meta = _LineMeta(chunk.end_offset, chunk.first_line + len(chunk.lines))
+        yield meta, ChunkTask(input_id, n, chunk.first_line, plan.fmt, chunk.lines, plan.compression)
 
 
 def _run_parquet(plan: RunPlan, executor: ChunkExecutor, journal: Journal | None,

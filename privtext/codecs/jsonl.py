@@ -43,6 +43,8 @@ def locate(line: str, path: list[str]) -> list[tuple[int, int, str]]:
             end = _ws(line, end).end()
         if end != len(line):
             raise RecordError("not valid JSON")
+    except RecordError:
+        raise
     except (ValueError, IndexError, RecursionError, StopIteration):
         raise RecordError("not valid JSON") from None
     if not found:

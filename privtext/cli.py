@@ -145,11 +145,15 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
             cache_dir: Path | None, trust_pickle: bool, workers: int, chunk_size: int,
             seed: str | None, oov: str, mask_token: str, on_error: str, report_path: str | None,
             resume: bool, quiet: bool) -> None:
-    """Perturb the text of a JSONL, Parquet or text corpus and write an epsilon report."""
+    """Perturb the text of a JSONL, Parquet or text corpus and write an epsilon report.
+
+    INPUT may be a directory or a quoted glob of shards ('data/*.jsonl.gz'): then -o names a
+    directory and each input shard gets an output shard with the same relative name."""
     from privtext import report as report_mod
     from privtext.mechanisms import get
-    from privtext.run.outputs import write_text_atomic
+    from privtext.run.outputs import refuse_inputs, resolve_output, write_text_atomic
     from privtext.run.perturb import execute, plan_run, signals_as_interrupts
+    from privtext.run.shards import check_out_dir, find_shards, is_sharded, run_shards
     from privtext.settings import PerturbSettings, load_config
 
     given = dict(ctx.params, format=fmt)
@@ -163,7 +167,15 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
     settings = PerturbSettings.from_sources(load_config(config_path), flags,
                                             config_name=str(config_path))
     get(settings.mechanism)  # fail on an unknown name before any index work
-    plan = plan_run(list(inputs), output, settings, report=report_path, resume=resume)
+    sharded = is_sharded(list(inputs))
+    if sharded:
+        shards = find_shards(list(inputs), settings)  # no shard found: fail before the index
+        check_out_dir(output, shards)
+        if report_path:
+            refuse_inputs(resolve_output(report_path, "report"), [str(s.source) for s in shards],
+                          "report")
+    else:
+        plan = plan_run(list(inputs), output, settings, report=report_path, resume=resume)
     if settings.oov.value == "keep" and not quiet:
         click.echo("privtext: WARNING: --oov keep passes out-of-vocabulary words through "
                    "unperturbed; they are not protected", err=True)
@@ -172,7 +184,11 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
         result = _open_index(settings.embeddings, settings.embeddings_format, settings.vocab_size,
                              settings.neighbors, cache_dir, trust_pickle, quiet=quiet)
         try:
-            outcome = execute(plan, result.index, progress=False if quiet else None, notify=note)
+            if sharded:
+                outcome = run_shards(list(inputs), output, settings, result.index, resume=resume,
+                                     progress=False if quiet else None, notify=note)
+            else:
+                outcome = execute(plan, result.index, progress=False if quiet else None, notify=note)
         except BrokenPipeError:
             raise _PipeClosed() from None
     report = report_mod.build_report(outcome)

@@ -87,6 +87,7 @@ def build_report(outcome: PerturbOutcome) -> dict[str, Any]:
             "field": None if outcome.fmt == "text" else settings.field,
             "chunk_size": settings.chunk_size,
             "workers": outcome.workers,
+            **({"shards": outcome.shards} if outcome.shards is not None else {}),
         },
         "run": {
             "resumed": outcome.resumed is not None,

@@ -71,6 +71,7 @@ class RunPlan:
     settings: PerturbSettings
     resume: bool
     report: OutputTarget | None = None
+    input_base: int = 0  # shards: the randomness of input i is keyed as input input_base + i
 
 
 @dataclass
@@ -84,6 +85,25 @@ class PerturbOutcome:
     workers: int = 1
     resumed: dict[str, Any] | None = None  # {"times", "chunks_reused", "records_reused", "seeded"}
     notes: list[str] = field(default_factory=list)
+    shards: list[dict[str, Any]] | None = None  # sharded runs: per-shard counts
+
+
+class RunSession:
+    """What several plans of one run share (shards): the mechanism, the run key, the workers."""
+
+    def __init__(self, index: EmbeddingIndex, settings: PerturbSettings, workers: int | None = None):
+        self.index = index
+        self.settings = settings
+        self.mechanism = create(settings.mechanism, index, settings.epsilon, settings.params)
+        self.mechanism.prepare()  # derived files are built here, once, before any worker reads them
+        self.key = run_key(settings.seed)
+        self.workers = workers or settings.effective_workers()
+        local = ChunkProcessor(index, self.mechanism, settings, self.key) if self.workers == 1 else None
+        self.executor = ChunkExecutor(partial(build_processor, str(index.path), settings, self.key),
+                                      self.workers, local)
+
+    def close(self, interrupted: bool = False) -> None:
+        self.executor.close(interrupted=interrupted)
 
 
 def plan_run(inputs: list[str], output: str, settings: PerturbSettings, *,
@@ -201,20 +221,19 @@ class _Resume:
 
 def execute(plan: RunPlan, index: EmbeddingIndex, *, progress: bool | None = None,
             on_chunk: Callable[[ChunkCounters], None] | None = None,
-            notify: Notify | None = None) -> PerturbOutcome:
+            notify: Notify | None = None, session: RunSession | None = None) -> PerturbOutcome:
     """Runs a validated plan. On any error or interruption nothing is published (a stream output
-    may have received earlier chunks); with --resume the partial work is kept to continue."""
+    may have received earlier chunks); with --resume the partial work is kept to continue.
+    A shared `session` (shards) is left open on success; the caller closes it."""
     from tqdm import tqdm
 
     settings = plan.settings
     say = notify or (lambda _msg: None)
-    mechanism = create(settings.mechanism, index, settings.epsilon, settings.params)
-    mechanism.prepare()  # derived files are built here, once, before any worker reads them
     start = time.perf_counter()
-    key = run_key(settings.seed)
-    workers = 1 if _single_chunk(plan) else settings.effective_workers()
-    local = ChunkProcessor(index, mechanism, settings, key) if workers == 1 else None
-    executor = ChunkExecutor(partial(build_processor, str(index.path), settings, key), workers, local)
+    own = session is None
+    if session is None:
+        session = RunSession(index, settings, 1 if _single_chunk(plan) else None)
+    mechanism, executor, workers = session.mechanism, session.executor, session.workers
 
     journal: Journal | None = None
     work: WorkPaths | None = None
@@ -278,7 +297,8 @@ def execute(plan: RunPlan, index: EmbeddingIndex, *, progress: bool | None = Non
                     f"no record holds a readable string field {settings.field!r} "
                     f"({counters.errors_skipped + counters.errors_kept} records were unreadable); "
                     "check --field; nothing was written")
-            executor.close()
+            if own:
+                executor.close()
             if journal is not None:
                 journal.close()
             sink.commit()
@@ -304,8 +324,8 @@ def execute(plan: RunPlan, index: EmbeddingIndex, *, progress: bool | None = Non
         raise
     finally:
         bar.close()
-        if not completed:
-            executor.close(interrupted=True)
+        if not completed or own:
+            executor.close(interrupted=not completed)
     return PerturbOutcome(counters, time.perf_counter() - start, mechanism, plan.fmt.value,
                           len(plan.inputs), settings, workers, resumed)
 
@@ -375,7 +395,8 @@ def _line_items(chunks: Iterator[LineChunk], input_id: int, first: int,
                 plan: RunPlan) -> Iterator[tuple[_LineMeta, ChunkTask]]:
     for n, chunk in enumerate(chunks, start=first):
         meta = _LineMeta(chunk.end_offset, chunk.first_line + len(chunk.lines))
-        yield meta, ChunkTask(input_id, n, chunk.first_line, plan.fmt, chunk.lines, plan.compression)
+        yield meta, ChunkTask(plan.input_base + input_id, n, chunk.first_line, plan.fmt, chunk.lines,
+                              plan.compression)
 
 
 def _run_parquet(plan: RunPlan, executor: ChunkExecutor, journal: Journal | None,
@@ -406,7 +427,8 @@ def _run_parquet(plan: RunPlan, executor: ChunkExecutor, journal: Journal | None
             continue
         first = state.next_chunk.get(input_id, 0)
         chunks = source.chunks(settings.chunk_size, state.next_group.get(input_id, 0))
-        items = ((chunk, ChunkTask(input_id, n, 0, Format.PARQUET, column_values(chunk.batch, field_name)))
+        items = ((chunk, ChunkTask(plan.input_base + input_id, n, 0, Format.PARQUET,
+                                   column_values(chunk.batch, field_name)))
                  for n, chunk in enumerate(chunks, start=first))
         group: list[Any] = []
         group_counters = ChunkCounters()

@@ -6,13 +6,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PRIVTEXT := $(VENV)/bin/privtext
 STAMP := $(VENV)/.privtext-installed
+# The engines (Spark, Ray Data) are optional extras for users; tests and CI install them so the
+# engine tests always run (Spark also needs a Java runtime: .ci/run installs one when missing).
+EXTRAS ?= test,evaluate,spark,ray
 
-.PHONY: install demo test test-fast lint bench bench-utility clean
+.PHONY: install demo test test-fast test-engines lint bench bench-engines bench-utility clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,evaluate]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,13 +37,20 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not engine"
+
+test-engines: $(STAMP)
+	$(PY) -m pytest -q -m engine
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check privtext tests bench
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py
+
+# words/s through the CLI, Spark local and Ray local on the same corpus (see docs/engines.md)
+bench-engines: $(STAMP)
+	$(PY) bench/engines.py
 
 # Every registered mechanism at matched N_w on SMS Spam, 20 Newsgroups and BBC News (~10 min on
 # 2 cores); table and plots under bench/out/, see docs/evaluation.md.

@@ -138,13 +138,20 @@ _SETTING_OPTIONS = ("mechanism", "epsilon", "field", "oov", "mask_token", "on_er
               help="Continue a killed or failed run of the same command from its last committed "
                    "chunk (and keep the finished part if this run fails too).")
 @click.option("-q", "--quiet", is_flag=True, help="No summary or progress on stderr.")
+@click.option("--engine", type=click.Choice(["local", "spark", "ray"]), default="local", show_default=True,
+              help="local: this machine's worker pool. spark|ray: read JSONL/Parquet shards (files, "
+                   "directories, globs) with the engine and write part files to -o OUT_DIR "
+                   "(needs privtext[spark] or privtext[ray]; see docs/engines.md).")
+@click.option("--engine-address", default=None, metavar="URL",
+              help="Cluster for --engine spark|ray (spark://…, ray://… or auto); the index is then "
+                   "shipped by the engine. Default: local mode on --workers cores.")
 @click.pass_context
 def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str | None, field: str,
             mechanism: str, epsilon: str | None, param_pairs: tuple[str, ...], config_path: Path | None,
             embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
             cache_dir: Path | None, trust_pickle: bool, workers: int, chunk_size: int,
             seed: str | None, oov: str, mask_token: str, on_error: str, report_path: str | None,
-            resume: bool, quiet: bool) -> None:
+            resume: bool, quiet: bool, engine: str, engine_address: str | None) -> None:
     """Perturb the text of a JSONL, Parquet or text corpus and write an epsilon report.
 
     INPUT may be a directory or a quoted glob of shards ('data/*.jsonl.gz'): then -o names a
@@ -167,22 +174,47 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
     settings = PerturbSettings.from_sources(load_config(config_path), flags,
                                             config_name=str(config_path))
     get(settings.mechanism)  # fail on an unknown name before any index work
-    sharded = is_sharded(list(inputs))
-    if sharded:
-        shards = find_shards(list(inputs), settings)  # no shard found: fail before the index
-        check_out_dir(output, shards)
-        if report_path:
-            refuse_inputs(resolve_output(report_path, "report"), [str(s.source) for s in shards],
-                          "report")
-    else:
-        plan = plan_run(list(inputs), output, settings, report=report_path, resume=resume)
     if settings.oov.value == "keep" and not quiet:
         click.echo("privtext: WARNING: --oov keep passes out-of-vocabulary words through "
                    "unperturbed; they are not protected", err=True)
     note = None if quiet else (lambda msg: click.echo(f"privtext: {msg}", err=True))
+    fmt_name = settings.format.value if settings.format is not None else None
+    if engine != "local":
+        from privtext.engines.shards import validate
+
+        validate(engine, list(inputs), output, settings.field, fmt_name)
+        if settings.on_error.value != "fail":
+            raise UsageError("--on-error skip|keep works with --engine local only; the engines stop "
+                             "on a malformed record")
+        if resume:
+            raise UsageError("--resume works with --engine local only; rerun the engine job instead")
+    else:
+        sharded = is_sharded(list(inputs))
+        if sharded:
+            shards = find_shards(list(inputs), settings)  # no shard found: fail before the index
+            check_out_dir(output, shards)
+            if report_path:
+                refuse_inputs(resolve_output(report_path, "report"), [str(s.source) for s in shards],
+                              "report")
+        else:
+            plan = plan_run(list(inputs), output, settings, report=report_path, resume=resume)
     with signals_as_interrupts():
         result = _open_index(settings.embeddings, settings.embeddings_format, settings.vocab_size,
                              settings.neighbors, cache_dir, trust_pickle, quiet=quiet)
+        if engine != "local":
+            from privtext.api import Anonymizer
+            from privtext.engines.shards import run_shards as run_engine_shards
+
+            anon = Anonymizer(settings.mechanism, epsilon=settings.epsilon, params=settings.params,
+                              oov=settings.oov.value, mask_token=settings.mask_token, seed=seed,
+                              index=result.index)
+            report = run_engine_shards(engine, list(inputs), output, anon, settings.field, fmt_name,
+                                       engine_address, settings.effective_workers())
+            if report_path:
+                write_text_atomic(report_path, report_mod.to_json(report), list(inputs), "report")
+            if not quiet:
+                click.echo(report_mod.summary(report), err=True, nl=False)
+            return
         try:
             if sharded:
                 outcome = run_shards(list(inputs), output, settings, result.index, resume=resume,

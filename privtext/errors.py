@@ -59,3 +59,8 @@ class Interrupted(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+class InputTypeError(UsageError, TypeError):
+    """A library call got the wrong kind of value (a bare string where a list of texts belongs,
+    a non-string column); also a TypeError, so generic callers can catch it as one."""

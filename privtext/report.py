@@ -7,15 +7,17 @@ public identity and geometry, counts and timings.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from privtext import __version__
-from privtext.randomness import seed_commitment
-from privtext.run.perturb import PerturbOutcome
-from privtext.settings import OnError
+from privtext.counters import Counters
+from privtext.spec import RunSpec
 from privtext.text import OovPolicy
+
+if TYPE_CHECKING:
+    from privtext.run.perturb import PerturbOutcome
 
 LIMITATIONS = (
     "ε values are not comparable across mechanisms or embeddings; compare mechanisms at equal "
@@ -52,47 +54,52 @@ def document_bound_stats(doc_hist: np.ndarray, per_token_bound: float | None) ->
     return stats
 
 
-def build_report(outcome: PerturbOutcome) -> dict[str, Any]:
-    mech = outcome.mechanism
-    index = mech.index
-    c = outcome.counters
-    settings = outcome.settings
-    guarantee = mech.guarantee.to_dict()
-    oov_policy = OovPolicy(settings.oov)
+def build_report(spec: RunSpec | Any, counters: Counters | dict[str, Any] | None = None,
+                 run_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The epsilon report of a run from its spec, its merged counters and how it ran.
+
+    The one report builder: the CLI, the library (`Anonymizer.report()`) and the engines all call
+    it. `counters` may be a `Counters` or its `to_dict()`. `run_info` (all optional):
+    ``seconds``, ``input`` (a dict printed as the report's input section), ``engine`` (a dict:
+    name, partitioning, how streams were keyed), ``keyed_by`` (how randomness was keyed),
+    ``on_error`` (the bad-record policy, when records were parsed).
+
+    Called with a single `PerturbOutcome` (the former signature), it builds the CLI's report.
+    """
+    if counters is None and hasattr(spec, "settings") and hasattr(spec, "mechanism"):
+        return report_from_outcome(spec)
+    if counters is None:
+        counters = Counters()
+    c = counters if isinstance(counters, Counters) else Counters.from_dict(counters)
+    info = dict(run_info or {})
+    seconds = info.get("seconds")
+    guarantee = spec.guarantee
+    oov_policy = OovPolicy(spec.oov)
     report: dict[str, Any] = {
         "tool": {"name": "privtext", "version": __version__},
         "mechanism": {
-            "name": mech.name,
-            "reference": mech.reference,
-            "epsilon": mech.epsilon,
-            "params": mech.params.to_dict(),
-            "derived": mech.derived(),
+            "name": spec.mechanism,
+            "reference": spec.reference,
+            "epsilon": spec.epsilon,
+            "params": spec.params,
+            "derived": spec.derived,
         },
         "guarantee": guarantee,
-        "metric": index.geometry.metric,
-        "embedding": index.identity(),
-        "geometry": index.geometry.to_dict(),
+        "metric": spec.geometry.get("metric"),
+        "embedding": spec.embedding,
+        "geometry": spec.geometry,
         "randomness": {
-            "mode": "seeded" if settings.seed is not None else "os-entropy",
-            "seed_sha256": seed_commitment(settings.seed),
-            "keyed_by": "run key, input number, chunk index",
+            "mode": "seeded" if spec.seeded else "os-entropy",
+            "seed_sha256": spec.seed_sha256,
+            "keyed_by": info.get("keyed_by", "run key, stream id"),
             "warning": (
                 "a known seed lets anyone reproduce the noise and voids the privacy of this run"
-                if settings.seed is not None else None
+                if spec.seeded else None
             ),
         },
-        "input": {
-            "format": outcome.fmt,
-            "inputs": outcome.inputs,
-            "field": None if outcome.fmt == "text" else settings.field,
-            "chunk_size": settings.chunk_size,
-            "workers": outcome.workers,
-            **({"shards": outcome.shards} if outcome.shards is not None else {}),
-        },
-        "run": {
-            "resumed": outcome.resumed is not None,
-            **({"resume": outcome.resumed} if outcome.resumed is not None else {}),
-        },
+        "engine": info.get("engine", {"name": "local"}),
+        "input": info.get("input", {}),
+        "run": info.get("run", {"resumed": False}),
         "counts": {
             "records": c.records,
             "tokens": c.word_tokens + c.other_tokens,
@@ -105,14 +112,14 @@ def build_report(outcome: PerturbOutcome) -> dict[str, Any]:
                     "masked": c.oov if oov_policy is OovPolicy.MASK else 0,
                     "dropped": c.oov if oov_policy is OovPolicy.DROP else 0,
                     "passed_through": c.oov if oov_policy is OovPolicy.KEEP else 0},
-            "errors": {"policy": OnError(settings.on_error).value, "skipped": c.errors_skipped,
+            "errors": {"policy": info.get("on_error"), "skipped": c.errors_skipped,
                        "kept_unchanged": c.errors_kept},
             "null_values": c.null_values,
         },
         "per_document": document_bound_stats(c.doc_hist, guarantee["per_token_pure_bound"]),
         "timing": {
-            "seconds": round(outcome.seconds, 3),
-            "word_tokens_per_second": round(c.word_tokens / outcome.seconds, 1) if outcome.seconds else None,
+            "seconds": round(seconds, 3) if seconds is not None else None,
+            "word_tokens_per_second": round(c.word_tokens / seconds, 1) if seconds else None,
         },
         "limitations": list(LIMITATIONS),
         "flags": [],
@@ -126,9 +133,35 @@ def build_report(outcome: PerturbOutcome) -> dict[str, Any]:
         report["flags"].append(
             f"--on-error keep: {c.errors_kept} unreadable records were copied unchanged and are not protected"
         )
-    if mech.guarantee.approximate:
+    if guarantee.get("approximate"):
         report["flags"].append("the sampler only approximates the stated distribution; see guarantee")
     return report
+
+
+def report_from_outcome(outcome: PerturbOutcome) -> dict[str, Any]:
+    """The CLI's report: the same core as every other caller, fed from a finished local run."""
+    settings = outcome.settings
+    spec = RunSpec.from_mechanism(outcome.mechanism, OovPolicy(settings.oov).value, settings.mask_token,
+                                  settings.seed)
+    run_info = {
+        "seconds": outcome.seconds,
+        "keyed_by": "run key, input number, chunk index",
+        "on_error": getattr(settings.on_error, "value", settings.on_error),
+        "engine": {"name": "local", "workers": outcome.workers},
+        "input": {
+            "format": outcome.fmt,
+            "inputs": outcome.inputs,
+            "field": None if outcome.fmt == "text" else settings.field,
+            "chunk_size": settings.chunk_size,
+            "workers": outcome.workers,
+            **({"shards": outcome.shards} if getattr(outcome, "shards", None) is not None else {}),
+        },
+        "run": {
+            "resumed": outcome.resumed is not None,
+            **({"resume": outcome.resumed} if outcome.resumed is not None else {}),
+        },
+    }
+    return build_report(spec, outcome.counters, run_info)
 
 
 def to_json(report: dict[str, Any]) -> str:
@@ -158,8 +191,9 @@ def summary(report: dict[str, Any]) -> str:
             f"privtext: per-document pure bound: mean {doc['pure_bound']['mean']:.4g}, "
             f"p95 {doc['pure_bound']['p95']:.4g}, max {doc['pure_bound']['max']:.4g}"
         )
-    lines.append(f"privtext: {report['timing']['word_tokens_per_second'] or 0:,.0f} words/s "
-                 f"in {report['timing']['seconds']:.2f} s")
+    if report["timing"]["seconds"] is not None:
+        lines.append(f"privtext: {report['timing']['word_tokens_per_second'] or 0:,.0f} words/s "
+                     f"in {report['timing']['seconds']:.2f} s")
     for flag in report["flags"]:
         lines.append(f"privtext: WARNING: {flag}")
     return "\n".join(lines) + "\n"

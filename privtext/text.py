@@ -10,12 +10,12 @@ case pattern (lower, Title, UPPER).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from enum import Enum
 from itertools import repeat
 
 import numpy as np
 
+from privtext.counters import Counters as ChunkCounters
 from privtext.embeddings import WORD_PATTERN
 from privtext.index import EmbeddingIndex
 from privtext.mechanisms.base import Mechanism
@@ -42,33 +42,6 @@ def restore_case(original: str, replacement: str) -> str:
     if original[:1].isupper():
         return replacement[:1].upper() + replacement[1:]
     return replacement
-
-
-@dataclass
-class ChunkCounters:
-    """Counts only, never content. Merged across chunks in the parent."""
-
-    records: int = 0
-    word_tokens: int = 0
-    other_tokens: int = 0
-    perturbed: int = 0
-    unchanged: int = 0
-    oov: int = 0
-    errors_skipped: int = 0
-    errors_kept: int = 0
-    null_values: int = 0
-    # histogram of perturbed tokens per document: doc_hist[c] = number of documents with c
-    doc_hist: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
-
-    def merge(self, other: ChunkCounters) -> None:
-        for name in ("records", "word_tokens", "other_tokens", "perturbed", "unchanged", "oov",
-                     "errors_skipped", "errors_kept", "null_values"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        size = max(len(self.doc_hist), len(other.doc_hist))
-        merged = np.zeros(size, dtype=np.int64)
-        merged[: len(self.doc_hist)] += self.doc_hist
-        merged[: len(other.doc_hist)] += other.doc_hist
-        self.doc_hist = merged
 
 
 class TextPerturber:

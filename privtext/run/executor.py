@@ -37,50 +37,12 @@ from privtext.errors import PrivtextError, WorkerError
 
 M = TypeVar("M")
 
-_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
-                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 _PR_SET_PDEATHSIG = 1
 WATCHDOG_SECONDS = 0.5
 
 
 class Processor(Protocol):
     def process(self, task: Any) -> Any: ...
-
-
-# --- thread limits ------------------------------------------------------------------------------
-
-
-def limit_threads(n: int = 1) -> None:
-    """Caps FAISS's OpenMP and the BLAS thread pools of *this* process at `n`.
-
-    The worker processes are the parallelism: FAISS's OpenMP threads spin-wait, and on a busy
-    2-core machine two of them ran a flat search 3x slower than one (1.7k vs 5.7k queries/s).
-    Environment variables only reach libraries not loaded yet, so loaded ones are told directly
-    (FAISS; BLAS through threadpoolctl when it is installed)."""
-    for name in _THREAD_VARS:
-        os.environ[name] = str(n)
-    with contextlib.suppress(ImportError):
-        import faiss
-
-        faiss.omp_set_num_threads(n)
-    if "numpy" in sys.modules:
-        with contextlib.suppress(ImportError):
-            from threadpoolctl import threadpool_limits
-
-            threadpool_limits(n)
-
-
-@contextlib.contextmanager
-def single_threaded_faiss() -> Iterator[None]:
-    """One FAISS thread while the caller itself runs chunks; its previous setting afterwards."""
-    import faiss
-
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(previous)
 
 
 # --- inside a worker ----------------------------------------------------------------------------
@@ -124,7 +86,9 @@ def _worker_init(factory: Callable[[], Processor], main_pid: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # the main process decides, and stops us
     _die_with_parent(main_pid)
-    limit_threads(1)
+    from privtext.threads import limit_threads
+
+    limit_threads(1)  # in this worker; the fork server already set the environment before numpy
     try:
         _PROCESSOR = factory()
     except BaseException as exc:  # reported by the first task, as one line, not a traceback here

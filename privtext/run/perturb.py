@@ -45,7 +45,7 @@ from privtext.mechanisms import create
 from privtext.mechanisms.base import Mechanism
 from privtext.randomness import run_key, seed_commitment
 from privtext.run.chunks import ChunkProcessor, ChunkTask, build_processor
-from privtext.run.executor import ChunkExecutor, single_threaded_faiss
+from privtext.run.executor import ChunkExecutor
 from privtext.run.journal import Journal, WorkPaths, counters_to_dict, input_identity
 from privtext.run.outputs import (
     AtomicFile,
@@ -58,6 +58,7 @@ from privtext.run.outputs import (
 )
 from privtext.settings import CHUNK_BYTES, Format, PerturbSettings
 from privtext.text import ChunkCounters
+from privtext.threads import limit_threads
 
 Notify = Callable[[str], None]
 
@@ -274,7 +275,7 @@ def execute(plan: RunPlan, index: EmbeddingIndex, *, progress: bool | None = Non
                         "such a run instead)")
         with contextlib.ExitStack() as stack:
             if workers == 1:
-                stack.enter_context(single_threaded_faiss())
+                stack.callback(limit_threads(1))  # this process runs the chunks: one thread
 
             def account(result_counters: ChunkCounters) -> None:
                 counters.merge(result_counters)

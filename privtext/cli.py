@@ -158,8 +158,9 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
     directory and each input shard gets an output shard with the same relative name."""
     from privtext import report as report_mod
     from privtext.mechanisms import get
+    from privtext.run.executor import signals_as_interrupts
     from privtext.run.outputs import refuse_inputs, resolve_output, write_text_atomic
-    from privtext.run.perturb import execute, plan_run, signals_as_interrupts
+    from privtext.run.perturb import execute, plan_run
     from privtext.run.shards import check_out_dir, find_shards, is_sharded, run_shards
     from privtext.settings import PerturbSettings, load_config
 

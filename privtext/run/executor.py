@@ -33,7 +33,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol, TypeVar
 
-from privtext.errors import PrivtextError, WorkerError
+from privtext.errors import Interrupted, PrivtextError, WorkerError
 
 M = TypeVar("M")
 
@@ -131,18 +131,55 @@ def mp_context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
+# --- signals ---------------------------------------------------------------------------------
+
+_held = 0  # > 0 while a critical section runs: signals_as_interrupts then defers its signal
+_pending: list[int] = []
+
+
 @contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Delays SIGINT/SIGTERM/SIGHUP (delivered when the block ends) in the main thread."""
-    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+def signals_held() -> Iterator[None]:
+    """Defers Ctrl-C/SIGTERM/SIGHUP (as handled by signals_as_interrupts) to the end of the block.
+
+    A process-directed signal is delivered to whichever thread does not block it, and Python
+    runs its handler in the main thread at the next bytecode: masking the main thread is not
+    enough. The handler itself checks this counter instead."""
+    global _held
+    _held += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _held -= 1
+        if _held == 0 and _pending:
+            raise Interrupted(_pending.pop())
+
+
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """SIGTERM and SIGHUP stop a run exactly like Ctrl-C (workers stopped, temporary files
+    removed), raising Interrupted so the CLI exits 143 / 129 / 130."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        if fired:  # a second signal while cleaning up: let the cleanup finish
+            return
+        if _held:
+            if not _pending:
+                _pending.append(signum)
+            return
+        fired.append(signum)
+        raise Interrupted(signum)
+
+    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)
+        _pending.clear()
 
 
 class _Done:
@@ -178,7 +215,7 @@ class ChunkExecutor:
             # A signal between a worker's start and its entry in the pool's process table would
             # leave a worker that close() cannot see: hold signals until every worker is listed.
             ctx = mp_context()  # the fork server starts outside the block: it must not inherit it
-            with _signals_held():
+            with signals_held():
                 self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
                                                  initializer=_worker_init,
                                                  initargs=(self.factory, os.getpid()))

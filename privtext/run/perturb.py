@@ -18,9 +18,7 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,13 +37,13 @@ from privtext.codecs import (
     split_compression,
 )
 from privtext.codecs.parquet import ParquetSink, ParquetSource, column_values, rebuild
-from privtext.errors import InputFormatError, Interrupted, ResumeError, UsageError
+from privtext.errors import InputFormatError, ResumeError, UsageError
 from privtext.index import EmbeddingIndex
 from privtext.mechanisms import create
 from privtext.mechanisms.base import Mechanism
 from privtext.randomness import run_key, seed_commitment
 from privtext.run.chunks import ChunkProcessor, ChunkTask, build_processor
-from privtext.run.executor import ChunkExecutor
+from privtext.run.executor import ChunkExecutor, signals_held
 from privtext.run.journal import Journal, WorkPaths, counters_to_dict, input_identity
 from privtext.run.outputs import (
     AtomicFile,
@@ -246,33 +244,34 @@ def execute(plan: RunPlan, index: EmbeddingIndex, *, progress: bool | None = Non
     sink: AtomicFile | StreamOutput | None = None
     try:
         executor.start()  # workers boot while the output and the inputs are opened
-        if plan.target.kind is OutputKind.FILE:
-            assert plan.target.path is not None
-            remove_stale_temporaries(plan.target.path)
-            paths = WorkPaths.for_target(plan.target.path)
-            header = _journal_header(plan, index)
-            if plan.resume and paths.journal.exists():
-                journal = Journal.reopen(paths.journal, header)
-                work = paths  # ours only once its journal is locked
-                resume_state = _Resume.from_entries(journal.entries)
-                counters = journal.total_counters()
-                resumed = {"times": journal.resumes, "chunks_reused": len(journal.entries),
-                           "records_reused": counters.records, "seeded": settings.seed is not None}
-                say(f"resuming: {counters.records} records from {len(journal.entries)} committed "
-                    "pieces are kept" + ("" if settings.seed is not None else
-                                         "; the rest gets fresh randomness (no --seed)"))
-            else:
-                if plan.resume:
-                    say("nothing to resume for this output; starting from the beginning")
-                stale = paths.exist()
-                journal = Journal.create(paths.journal, header)  # locks: a live run is never disturbed
-                work = paths
-                with contextlib.suppress(FileNotFoundError):
-                    work.part.unlink()
-                shutil.rmtree(work.segments, ignore_errors=True)
-                if stale:
-                    say("removed the unfinished work of an earlier run (pass --resume to continue "
-                        "such a run instead)")
+        with signals_held():  # the work files exist only once `work` says they are ours
+            if plan.target.kind is OutputKind.FILE:
+                assert plan.target.path is not None
+                remove_stale_temporaries(plan.target.path)
+                paths = WorkPaths.for_target(plan.target.path)
+                header = _journal_header(plan, index)
+                if plan.resume and paths.journal.exists():
+                    journal = Journal.reopen(paths.journal, header)
+                    work = paths  # ours only once its journal is locked
+                    resume_state = _Resume.from_entries(journal.entries)
+                    counters = journal.total_counters()
+                    resumed = {"times": journal.resumes, "chunks_reused": len(journal.entries),
+                               "records_reused": counters.records, "seeded": settings.seed is not None}
+                    say(f"resuming: {counters.records} records from {len(journal.entries)} committed "
+                        "pieces are kept" + ("" if settings.seed is not None else
+                                             "; the rest gets fresh randomness (no --seed)"))
+                else:
+                    if plan.resume:
+                        say("nothing to resume for this output; starting from the beginning")
+                    stale = paths.exist()
+                    journal = Journal.create(paths.journal, header)  # locks: a live run is never disturbed
+                    work = paths
+                    with contextlib.suppress(FileNotFoundError):
+                        work.part.unlink()
+                    shutil.rmtree(work.segments, ignore_errors=True)
+                    if stale:
+                        say("removed the unfinished work of an earlier run (pass --resume to continue "
+                            "such a run instead)")
         with contextlib.ExitStack() as stack:
             if workers == 1:
                 stack.callback(limit_threads(1))  # this process runs the chunks: one thread
@@ -488,30 +487,3 @@ def run_perturb(inputs: list[str], output: str, settings: PerturbSettings, index
         settings = settings.with_(format=Format(fmt))
     return execute(plan_run(inputs, output, settings, resume=resume), index,
                    progress=progress, on_chunk=on_chunk, notify=notify)
-
-
-# --- signals ----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def signals_as_interrupts() -> Iterator[None]:
-    """SIGTERM and SIGHUP stop a run exactly like Ctrl-C (workers stopped, temporary files
-    removed), raising Interrupted so the CLI exits 143 / 129 / 130."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    fired: list[int] = []
-
-    def handler(signum: int, _frame: Any) -> None:
-        if fired:  # a second signal while cleaning up: let the cleanup finish
-            return
-        fired.append(signum)
-        raise Interrupted(signum)
-
-    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, previous in saved.items():
-            signal.signal(sig, previous)

@@ -104,7 +104,8 @@ def _parse_param_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
 
 # The perturb options that a --config file may also set: given on the command line, a flag wins.
 _SETTING_OPTIONS = ("mechanism", "epsilon", "field", "oov", "mask_token", "on_error", "chunk_size",
-                    "workers", "embeddings", "embeddings_format", "vocab_size", "neighbors")
+                    "workers", "embeddings", "embeddings_format", "vocab_size", "neighbors",
+                    "max_rows_per_file")
 
 
 @cli.command()
@@ -137,6 +138,8 @@ _SETTING_OPTIONS = ("mechanism", "epsilon", "field", "oov", "mask_token", "on_er
 @click.option("--resume", is_flag=True,
               help="Continue a killed or failed run of the same command from its last committed "
                    "chunk (and keep the finished part if this run fails too).")
+@click.option("--max-rows-per-file", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Parquet output: write files of at most N rows (OUT-00000.parquet, ...).")
 @click.option("-q", "--quiet", is_flag=True, help="No summary or progress on stderr.")
 @click.option("--engine", type=click.Choice(["local", "spark", "ray"]), default="local", show_default=True,
               help="local: this machine's worker pool. spark|ray: read JSONL/Parquet shards (files, "
@@ -151,7 +154,8 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
             embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
             cache_dir: Path | None, trust_pickle: bool, workers: int, chunk_size: int,
             seed: str | None, oov: str, mask_token: str, on_error: str, report_path: str | None,
-            resume: bool, quiet: bool, engine: str, engine_address: str | None) -> None:
+            resume: bool, max_rows_per_file: int | None, quiet: bool, engine: str,
+            engine_address: str | None) -> None:
     """Perturb the text of a JSONL, Parquet or text corpus and write an epsilon report.
 
     INPUT may be a directory or a quoted glob of shards ('data/*.jsonl.gz'): then -o names a

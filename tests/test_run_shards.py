@@ -85,3 +85,29 @@ def test_shard_outputs_must_go_to_a_directory_outside_the_inputs(tmp_path: Path,
     empty.mkdir()
     proc = privtext(env, "perturb", str(empty), "-o", str(tmp_path / "o"), "--epsilon", "300", *VOCAB, check=False)
     assert proc.returncode == 2 and "no input shards found" in proc.stderr.decode()
+
+
+def test_parquet_shards_split_by_max_rows_per_file(tmp_path: Path, env: dict[str, str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in"
+    (src / "p").mkdir(parents=True)
+    for k in range(2):
+        table = pa.table({"id": list(range(2500)), "text": [f"the market fell {i + k} times" for i in range(2500)]})
+        pq.write_table(table, src / "p" / f"s{k}.parquet", row_group_size=1000, compression="gzip")
+    out, report = tmp_path / "out", tmp_path / "r.json"
+    privtext(env, "perturb", str(src), "-o", str(out), "--max-rows-per-file", "700", "--epsilon", "300",
+             "--report", str(report), "-q", *VOCAB)
+    for k in range(2):
+        parts = sorted((out / "p").glob(f"s{k}-*.parquet"))
+        assert [p.name for p in parts] == [f"s{k}-0000{i}.parquet" for i in range(4)]
+        rows = [pq.ParquetFile(p).metadata.num_rows for p in parts]
+        assert rows == [700, 700, 700, 400]
+        assert pq.ParquetFile(parts[1]).metadata.row_group(0).column(1).compression == "GZIP"
+        ids = [i for p in parts for i in pq.read_table(p).column("id").to_pylist()]
+        assert ids == list(range(2500))
+    assert json.loads(report.read_text())["counts"]["records"] == 5000
+    stdout = privtext(env, "perturb", str(src / "p" / "s0.parquet"), "--max-rows-per-file", "5",
+                      "--epsilon", "300", *VOCAB, check=False)
+    assert stdout.returncode == 2 and "--max-rows-per-file" in stdout.stderr.decode()

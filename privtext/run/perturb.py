@@ -36,7 +36,13 @@ from privtext.codecs import (
     skip_bytes,
     split_compression,
 )
-from privtext.codecs.parquet import ParquetSink, ParquetSource, column_values, rebuild
+from privtext.codecs.parquet import (
+    ParquetSink,
+    ParquetSource,
+    column_values,
+    rebuild,
+    segment_groups,
+)
 from privtext.errors import InputFormatError, ResumeError, UsageError
 from privtext.index import EmbeddingIndex
 from privtext.mechanisms import create
@@ -140,6 +146,14 @@ def plan_run(inputs: list[str], output: str, settings: PerturbSettings, *,
         if compression and fmt is Format.PARQUET:
             raise UsageError(f"output {output}: Parquet compresses inside the file; drop the "
                              f"{compression} extension")
+    if settings.max_rows_per_file is not None:
+        if fmt is not Format.PARQUET or target.kind is not OutputKind.FILE:
+            raise UsageError("--max-rows-per-file splits Parquet written to files; the output here "
+                             "is not a Parquet file")
+        assert target.path is not None
+        for src in inputs:
+            for n in range(2):  # the split names must not be inputs either
+                refuse_inputs(resolve_output(str(split_name(target.path, n))), [src])
     report_target = None
     if report is not None:
         report_target = resolve_output(report, "report")
@@ -456,6 +470,9 @@ def _run_parquet(plan: RunPlan, executor: ChunkExecutor, journal: Journal | None
         return stream_sink
     # Every row group is in a finished segment: copy them, in order, into the output.
     assert work is not None
+    if settings.max_rows_per_file:
+        return _split_parquet(plan, [work.segments / n for n in segments], schema, compression,
+                              settings.max_rows_per_file)
     sink = AtomicFile(plan.target)
     try:
         out = ParquetSink(sink.stream, schema, compression)
@@ -466,6 +483,60 @@ def _run_parquet(plan: RunPlan, executor: ChunkExecutor, journal: Journal | None
         sink.abort()
         raise
     return sink
+
+
+class _Files:
+    """Several atomic files published together (commit) or not at all (abort)."""
+
+    def __init__(self) -> None:
+        self.files: list[AtomicFile] = []
+
+    def commit(self) -> None:
+        for f in self.files:
+            f.commit()
+
+    def abort(self) -> None:
+        for f in self.files:
+            f.abort()
+
+    detach = abort
+
+
+def split_name(target: Path, number: int) -> Path:
+    """out.parquet -> out-00000.parquet, the name of part `number` of a split output."""
+    return target.with_name(f"{target.stem}-{number:05d}{target.suffix}")
+
+
+def _split_parquet(plan: RunPlan, segments: list[Path], schema: Any, compression: Any,
+                   limit: int) -> _Files:
+    """The output as files of at most `limit` rows; a row group larger than that is cut."""
+    assert plan.target.path is not None
+    files = _Files()
+    writer: ParquetSink | None = None
+    rows = 0
+    try:
+        for path in segments:
+            for table in segment_groups(path):
+                while table.num_rows:
+                    if writer is None or rows == limit:
+                        if writer is not None:
+                            writer.close()
+                        part = split_name(plan.target.path, len(files.files))
+                        files.files.append(AtomicFile(resolve_output(str(part))))
+                        writer = ParquetSink(files.files[-1].stream, schema, compression)
+                        rows = 0
+                    take = min(table.num_rows, limit - rows)
+                    writer.write_table(table.slice(0, take))
+                    table = table.slice(take)
+                    rows += take
+        if writer is None:  # an empty input still gets one (empty) file
+            files.files.append(AtomicFile(resolve_output(str(split_name(plan.target.path, 0)))))
+            writer = ParquetSink(files.files[-1].stream, schema, compression)
+        writer.close()
+    except BaseException:
+        files.abort()
+        raise
+    return files
 
 
 def _write_segment(path: Path, schema: Any, compression: Any, batches: list[Any]) -> None:

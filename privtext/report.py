@@ -54,20 +54,41 @@ def document_bound_stats(doc_hist: np.ndarray, per_token_bound: float | None) ->
     return stats
 
 
+def attack_success_section(mechanism: Any) -> dict[str, Any]:
+    """The §10 figure for the run's mechanism (uniform and zipf priors), cached with the index:
+    computed once per (index, mechanism, ε, params), then read back."""
+    from privtext.risk import PRIORS, cached_attack_success
+
+    results = cached_attack_success(mechanism, PRIORS)
+    out: dict[str, Any] = {}
+    for prior, r in results.items():
+        d = r.to_dict()
+        out[prior] = {k: d[k] for k in ("attack_success", "baseline", "bound", "method", "interval",
+                                        "draws")}
+    first = next(iter(results.values()))
+    out["estimate"] = first.estimate
+    out["meaning"] = ("the chance that an adversary who knows the mechanism, the index and a "
+                      "public prior guesses a perturbed word's original from the output alone; "
+                      "context-aware attackers can do better: read it as a lower bound on risk")
+    return out
+
+
+
 def build_report(spec: RunSpec | Any, counters: Counters | dict[str, Any] | None = None,
-                 run_info: dict[str, Any] | None = None) -> dict[str, Any]:
+                 run_info: dict[str, Any] | None = None, *, risk: bool = True) -> dict[str, Any]:
     """The epsilon report of a run from its spec, its merged counters and how it ran.
 
     The one report builder: the CLI, the library (`Anonymizer.report()`) and the engines all call
     it. `counters` may be a `Counters` or its `to_dict()`. `run_info` (all optional):
     ``seconds``, ``input`` (a dict printed as the report's input section), ``engine`` (a dict:
     name, partitioning, how streams were keyed), ``keyed_by`` (how randomness was keyed),
-    ``on_error`` (the bad-record policy, when records were parsed).
+    ``on_error`` (the bad-record policy, when records were parsed), ``attack_success`` (the
+    section `attack_success_section` computes; absent, the report says where to get it).
 
     Called with a single `PerturbOutcome` (the former signature), it builds the CLI's report.
     """
     if counters is None and hasattr(spec, "settings") and hasattr(spec, "mechanism"):
-        return report_from_outcome(spec)
+        return report_from_outcome(spec, risk=risk)
     if counters is None:
         counters = Counters()
     c = counters if isinstance(counters, Counters) else Counters.from_dict(counters)
@@ -117,6 +138,8 @@ def build_report(spec: RunSpec | Any, counters: Counters | dict[str, Any] | None
             "null_values": c.null_values,
         },
         "per_document": document_bound_stats(c.doc_hist, guarantee["per_token_pure_bound"]),
+        "attack_success": info.get("attack_success",
+                                   {"skipped": "not computed for this run; privtext risk computes it"}),
         "timing": {
             "seconds": round(seconds, 3) if seconds is not None else None,
             "word_tokens_per_second": round(c.word_tokens / seconds, 1) if seconds else None,
@@ -133,12 +156,14 @@ def build_report(spec: RunSpec | Any, counters: Counters | dict[str, Any] | None
         report["flags"].append(
             f"--on-error keep: {c.errors_kept} unreadable records were copied unchanged and are not protected"
         )
+    for warning in guarantee.get("warnings") or ():
+        report["flags"].append(warning)
     if guarantee.get("approximate"):
         report["flags"].append("the sampler only approximates the stated distribution; see guarantee")
     return report
 
 
-def report_from_outcome(outcome: PerturbOutcome) -> dict[str, Any]:
+def report_from_outcome(outcome: PerturbOutcome, risk: bool = True) -> dict[str, Any]:
     """The CLI's report: the same core as every other caller, fed from a finished local run."""
     settings = outcome.settings
     spec = RunSpec.from_mechanism(outcome.mechanism, OovPolicy(settings.oov).value, settings.mask_token,
@@ -161,6 +186,10 @@ def report_from_outcome(outcome: PerturbOutcome) -> dict[str, Any]:
             **({"resume": outcome.resumed} if outcome.resumed is not None else {}),
         },
     }
+    if risk:
+        run_info["attack_success"] = attack_success_section(outcome.mechanism)
+    else:
+        run_info["attack_success"] = {"skipped": "left out with --no-risk; privtext risk computes it"}
     return build_report(spec, outcome.counters, run_info)
 
 
@@ -190,6 +219,20 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(
             f"privtext: per-document pure bound: mean {doc['pure_bound']['mean']:.4g}, "
             f"p95 {doc['pure_bound']['p95']:.4g}, max {doc['pure_bound']['max']:.4g}"
+        )
+    risk = report.get("attack_success") or {}
+    if "uniform" in risk:
+        u, z = risk["uniform"], risk.get("zipf")
+        lines.append(
+            f"privtext: attack success ({u['method']}): {u['attack_success']:.3g} with a uniform "
+            f"prior (baseline {u['baseline']:.2g})"
+            + (f", {z['attack_success']:.3g} with a zipf prior (baseline {z['baseline']:.2g})" if z else ""))
+    recall = m.get("derived", {}).get("hnsw_recall")
+    if recall:
+        lines.append(
+            f"privtext: nearest-word search: HNSW (approximate, efSearch {recall['efSearch']}), "
+            f"recall@1 {recall['recall_at_1_zipf']:.3f} (Zipf-weighted words) / "
+            f"{recall['recall_at_1_uniform']:.3f} (uniform words) on noisy queries vs exact search"
         )
     if report["timing"]["seconds"] is not None:
         lines.append(f"privtext: {report['timing']['word_tokens_per_second'] or 0:,.0f} words/s "

@@ -1,27 +1,37 @@
 """Tokenising, looking up, perturbing and detokenising documents, a whole chunk at a time.
 
-The tokenizer splits a document into alternating separator and word segments with one regex, so
-joining the segments gives back the exact original: whitespace and punctuation are kept byte for
-byte. A word token is a maximal run of Unicode letters and digits (the same pattern that decides
-which vocabulary entries are word-like), looked up lower-case. A replacement takes the original's
-case pattern (lower, Title, UPPER).
+A chunk of documents is handled as one array of code points (UTF-32), not token by token in
+Python: each code point gets word/extender/space flags from a per-process table, word boundaries
+come from a few numpy passes, the words go to the vocabulary lookup as one string split once, and
+the output is assembled by copying runs of code points (the unchanged text between words and the
+replacement words) into one array that is decoded once per chunk. Everything outside words is
+copied code point for code point, so whitespace, punctuation, emoji and any other bytes survive
+exactly; joining `tokenize(text)` gives back `text`.
+
+What a word is (letters and digits, then any combining marks and ZWNJ/ZWJ that follow) is defined
+once in privtext.embeddings, which also decides which vocabulary entries are word-like; words are
+looked up lower-case in NFC. A replacement takes the original's case pattern (lower, Title,
+UPPER).
 """
 
 from __future__ import annotations
 
-import re
+import codecs
+import unicodedata
+from dataclasses import dataclass
 from enum import Enum
-from itertools import repeat
+from itertools import pairwise, repeat
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from privtext.counters import Counters as ChunkCounters
-from privtext.embeddings import WORD_PATTERN
-from privtext.index import EmbeddingIndex
-from privtext.mechanisms.base import Mechanism
+from privtext.embeddings import is_word_char, is_word_extender
 
-_SPLIT = re.compile(f"({WORD_PATTERN})")
-_JOIN = "\x00"  # cannot occur inside a word token, so it round-trips through str.lower()
+if TYPE_CHECKING:  # annotations only: importing text.py does not load the index or mechanisms
+    from privtext.index import EmbeddingIndex
+    from privtext.mechanisms.base import Mechanism
+
 DEFAULT_MASK_TOKEN = "[OOV]"
 
 
@@ -31,17 +41,230 @@ class OovPolicy(str, Enum):
     KEEP = "keep"  # pass it through unchanged: explicit opt-in, warned and flagged in the report
 
 
-def tokenize(text: str) -> list[str]:
-    """Alternating segments [sep, word, sep, word, ..., sep]; words at odd positions."""
-    return _SPLIT.split(text)
+# Case patterns a replacement can take from the original word.
+_AS_IS, _TITLE, _UPPER_ALL = 0, 1, 2
+
+
+def case_pattern(original: str) -> int:
+    if original.isupper() and len(original) > 1:
+        return _UPPER_ALL
+    if original[:1].isupper():
+        return _TITLE
+    return _AS_IS
+
+
+def apply_case(pattern: int, word: str) -> str:
+    if pattern == _UPPER_ALL:
+        return word.upper()
+    if pattern == _TITLE:
+        return word[:1].upper() + word[1:]
+    return word
 
 
 def restore_case(original: str, replacement: str) -> str:
-    if original.isupper() and len(original) > 1:
-        return replacement.upper()
-    if original[:1].isupper():
-        return replacement[:1].upper() + replacement[1:]
-    return replacement
+    return apply_case(case_pattern(original), replacement)
+
+
+# Code point flags. _BREAK marks the separator placed between documents of a chunk: no word,
+# extender or run of other characters continues across it.
+# _UPPER and _LOWER_OR_TITLE are the per-character facts str.isupper() combines over a word.
+_WORD, _EXTEND, _SPACE, _BREAK, _UPPER, _LOWER_OR_TITLE = 1, 2, 4, 8, 16, 32
+_UNSET = 255
+_SPACE_CP = 32  # separates words in the lookup string; never inside a word
+
+
+def _flags_of(ch: str) -> int:
+    if is_word_char(ch):
+        flags = _WORD
+    elif is_word_extender(ch):
+        flags = _EXTEND
+    else:
+        # str.isspace is the whitespace str.split() uses, which defines "other tokens" below.
+        flags = _SPACE if ch.isspace() else 0
+    # A word is upper-case (str.isupper) when some character is upper and none is lower or
+    # title case; for one character, istitle() means upper or title.
+    if ch.isupper():
+        flags |= _UPPER
+    elif ch.islower() or ch.istitle():
+        flags |= _LOWER_OR_TITLE
+    return flags
+
+
+class _CodePointTable:
+    """Flags per code point, computed on first sight: a process pays only for what it meets."""
+
+    def __init__(self) -> None:
+        self.flags = np.full(0x110000, _UNSET, dtype=np.uint8)
+        self.flags[:128] = [_flags_of(chr(c)) for c in range(128)]
+
+    def lookup(self, cps: np.ndarray) -> np.ndarray:
+        flags = self.flags.take(cps)
+        unset = flags == _UNSET
+        if unset.any():
+            for cp in set(cps[unset].tolist()):
+                self.flags[cp] = _flags_of(chr(cp))
+            flags = self.flags.take(cps)
+        return flags
+
+
+_TABLE: _CodePointTable | None = None
+
+
+def _table() -> _CodePointTable:
+    global _TABLE
+    if _TABLE is None:
+        _TABLE = _CodePointTable()
+    return _TABLE
+
+
+def _utf32(text: str) -> np.ndarray:
+    # surrogatepass: a library caller's lone surrogate is carried through as a non-word character.
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+@dataclass
+class _Segmentation:
+    """Where the words are in a chunk joined as BREAK + doc0 + BREAK + doc1 + ... + BREAK."""
+
+    cps: np.ndarray  # uint32 code points of the joined chunk
+    flags: np.ndarray  # uint8 flags per code point
+    in_word: np.ndarray  # bool per code point
+    breaks: np.ndarray  # (docs + 1,) positions of the BREAK separators
+    starts: np.ndarray  # (words,) first code point of each word
+    ends: np.ndarray  # (words,) one past its last code point
+    doc_words: np.ndarray  # (docs + 1,) index of the first word of each document, then the total
+    other_tokens: int  # whitespace-separated runs of non-word characters outside words
+
+
+def _segment(texts: list[str]) -> _Segmentation:
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    breaks = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(lengths + 1, out=breaks[1:])
+    # The separator's code point (NUL) is only a placeholder: its flags are overridden below, so a
+    # NUL inside a document is still an ordinary non-word character.
+    cps = _utf32("\x00".join(["", *texts, ""]))
+    flags = _table().lookup(cps)
+    flags[breaks] = _BREAK
+
+    in_word = (flags & _WORD).view(np.bool_)
+    extenders = np.flatnonzero(flags & _EXTEND)
+    if extenders.size:
+        # An extender belongs to a word exactly when the last non-extender before it is a word
+        # character. Runs of extenders share that owner; position 0 is a BREAK, so it exists.
+        in_word = in_word.copy()
+        run_first = np.ones(extenders.size, dtype=np.bool_)
+        np.not_equal(extenders[1:], extenders[:-1] + 1, out=run_first[1:])
+        owner = extenders[run_first] - 1
+        run_lengths = np.diff(np.append(np.flatnonzero(run_first), extenders.size))
+        in_word[extenders] = np.repeat(in_word[owner], run_lengths)
+
+    as_int = in_word.view(np.int8)
+    edges = np.flatnonzero(as_int[1:] != as_int[:-1]) + 1  # BREAKs at both ends: edges pair up
+    starts, ends = edges[0::2], edges[1::2]
+
+    # Other tokens: maximal runs of characters that are neither in a word, nor whitespace, nor a
+    # BREAK (what str.split() finds in the text between words, document by document).
+    other = ~in_word & ((flags & (_SPACE | _BREAK)) == 0)
+    other_tokens = int(np.count_nonzero(other[1:] & ~other[:-1]))
+    doc_words = np.searchsorted(starts, breaks)
+    return _Segmentation(cps, flags, in_word, breaks, starts, ends, doc_words, other_tokens)
+
+
+def _case_patterns(seg: _Segmentation, words: np.ndarray) -> np.ndarray:
+    """case_pattern() of the given words (indices into seg.starts), from the character flags."""
+    if words.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts, ends = seg.starts[words], seg.ends[words]
+    # OR of the flags over each word: reduceat over [start, end) pairs; the odd results cover the
+    # text between words and are dropped. ends[i] < len(flags): a BREAK always follows.
+    seen = np.bitwise_or.reduceat(seg.flags, np.column_stack([starts, ends]).ravel())[0::2]
+    upper = ((seen & _UPPER) != 0) & ((seen & _LOWER_OR_TITLE) == 0) & (ends - starts > 1)
+    title = (seg.flags[starts] & _UPPER) != 0
+    return np.where(upper, _UPPER_ALL, np.where(title, _TITLE, _AS_IS))
+
+
+def tokenize(text: str) -> list[str]:
+    """Alternating segments [sep, word, sep, word, ..., sep]; words at odd positions.
+
+    The same segmentation `TextPerturber.perturb_texts` applies to a chunk, for one text.
+    """
+    seg = _segment([text])
+    bounds = [0, *np.column_stack([seg.starts - 1, seg.ends - 1]).ravel().tolist(), len(text)]
+    return [text[a:b] for a, b in pairwise(bounds)]
+
+
+# np.unique is avoided on purpose: its first call imports numpy.ma (tens of milliseconds of a
+# one-record run's start-up), and these inputs are small or already sorted.
+def _distinct_sorted(values: np.ndarray) -> np.ndarray:
+    """The distinct values of an already sorted array."""
+    if values.size == 0:
+        return values
+    first = np.ones(values.size, dtype=np.bool_)
+    np.not_equal(values[1:], values[:-1], out=first[1:])
+    return values[first]
+
+
+def _distinct_with_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct values, index of each input value among them)."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    first = np.ones(values.size, dtype=np.bool_)
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    inverse = np.empty(values.size, dtype=np.int64)
+    inverse[order] = np.cumsum(first) - 1
+    return ordered[first], inverse
+
+
+def _gather_runs(base: np.ndarray, run_start: np.ndarray, run_length: np.ndarray,
+                 block: int = 1 << 20) -> np.ndarray:
+    """The concatenation of base[run_start[i] : run_start[i] + run_length[i]] over all i.
+
+    An index array built by a cumulative sum (+1 inside a run, a jump where a run begins) and one
+    gather: a few passes over the output, whatever the number of runs. Runs are taken in blocks of
+    about `block` output positions so the int64 index array stays small beside the text.
+    """
+    keep = run_length > 0
+    if not keep.all():
+        run_start, run_length = run_start[keep], run_length[keep]
+    run_end = np.cumsum(run_length)
+    out = np.empty(int(run_end[-1]) if len(run_end) else 0, dtype=base.dtype)
+    cuts = np.searchsorted(run_end, np.arange(block, len(out), block), side="right")
+    bounds = _distinct_sorted(np.concatenate(([0], cuts, [len(run_end)]))).tolist()
+    for lo, hi in pairwise(bounds):
+        first = int(run_end[lo] - run_length[lo])
+        starts, lengths = run_start[lo:hi], run_length[lo:hi]
+        step = np.ones(int(run_end[hi - 1]) - first, dtype=np.int64)
+        step[0] = starts[0]
+        step[np.cumsum(lengths[:-1])] = starts[1:] - (starts[:-1] + lengths[:-1] - 1)
+        out[first : first + len(step)] = base.take(np.cumsum(step, out=step))
+    return out
+
+
+class _Vocabulary:
+    """The vocabulary as UTF-32 code points, followed by room for one chunk and its extra words.
+
+    Output text is gathered from this one buffer: replacement words from the vocabulary part,
+    the text between words (and kept OOV words) from the chunk's copy, re-cased words and the mask
+    token from the pool after it.
+    """
+
+    def __init__(self, words: list[str]):
+        self.words = words
+        self.lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        self.offsets = np.cumsum(self.lengths) - self.lengths
+        self.size = int(self.lengths.sum())
+        self.buffer = np.empty(0, dtype=np.uint32)
+
+    def with_chunk(self, chunk: np.ndarray, pool: np.ndarray) -> np.ndarray:
+        """The buffer holding the vocabulary, then `chunk` at `self.size`, then `pool`."""
+        needed = self.size + len(chunk) + len(pool)
+        if len(self.buffer) < needed:
+            # Grown geometrically and kept, so steady state copies only the chunk and the pool.
+            self.buffer = np.empty(max(needed, 2 * len(self.buffer)), dtype=np.uint32)
+            self.buffer[: self.size] = _utf32("".join(self.words))
+        self.buffer[self.size : self.size + len(chunk)] = chunk
+        self.buffer[self.size + len(chunk) : needed] = pool
+        return self.buffer
 
 
 class TextPerturber:
@@ -52,61 +275,158 @@ class TextPerturber:
         self.mechanism = mechanism
         self.oov = OovPolicy(oov)
         self.mask_token = mask_token
-        self._lookup = index.word_to_id.get
-        self._words = index.words
+        self._index = index
+        self._table = index.word_to_id
+        self._lookup = self._table.get
+        self._nfc_aliases = False
+        self._vocab: _Vocabulary | None = None
+        self._cased: dict[int, str] = {}
+
+    @property
+    def _words(self) -> list[str]:
+        return self._index.words
+
+    def _vocabulary(self) -> _Vocabulary:
+        if self._vocab is None:
+            self._vocab = _Vocabulary(self._index.words)
+        return self._vocab
 
     def perturb_texts(self, texts: list[str], rng: np.random.Generator) -> tuple[list[str], ChunkCounters]:
         counters = ChunkCounters(records=len(texts))
-        segments = [tokenize(t) for t in texts]
-        words: list[str] = []
-        separators: list[str] = []
-        per_doc: list[int] = []
-        for parts in segments:
-            doc_words = parts[1::2]
-            words.extend(doc_words)
-            separators.extend(parts[::2])
-            per_doc.append(len(doc_words))
-        counters.word_tokens = len(words)
-        # Other tokens (punctuation, symbols) are the whitespace-separated runs inside the
-        # separators; str.split is far cheaper than a regex over the whole text.
-        counters.other_tokens = len(" ".join(separators).split())
-        if not words:
+        seg = _segment(texts)
+        starts, ends = seg.starts, seg.ends
+        n_words = len(starts)
+        counters.word_tokens = n_words
+        counters.other_tokens = seg.other_tokens
+        if n_words == 0:
             counters.doc_hist = np.bincount(np.zeros(len(texts), np.int64), minlength=1)
             return list(texts), counters
 
-        lowered = _JOIN.join(words).lower().split(_JOIN)
-        ids = np.fromiter(map(self._lookup, lowered, repeat(-1)), dtype=np.int64, count=len(words))
+        ids, recased = self._look_up(seg)
         known = ids >= 0
         out_ids = ids.copy()
         out_ids[known] = self.mechanism.perturb_ids(ids[known], rng)
 
         counters.perturbed = int(known.sum())
         counters.unchanged = int((out_ids[known] == ids[known]).sum())
-        counters.oov = len(words) - counters.perturbed
-
-        vocab = self._words
-        out_words = [vocab[i] for i in out_ids.tolist()]  # OOV (-1) fixed up just below
-        for j in np.flatnonzero(~known).tolist():
-            out_words[j] = self._oov_replacement(words[j])
-        for j in np.flatnonzero(known).tolist():
-            if words[j] != lowered[j]:
-                out_words[j] = restore_case(words[j], out_words[j])
-
+        counters.oov = n_words - counters.perturbed
         # Per-document perturbed counts feed the document-level bound statistics.
-        doc_index = np.repeat(np.arange(len(texts)), per_doc)
-        counters.doc_hist = np.bincount(np.bincount(doc_index[known], minlength=len(texts)))
+        known_before = np.zeros(n_words + 1, dtype=np.int64)
+        np.cumsum(known, out=known_before[1:])
+        counters.doc_hist = np.bincount(np.diff(known_before[seg.doc_words]))
 
-        result: list[str] = []
-        pos = 0
-        for parts, count in zip(segments, per_doc):
-            parts[1::2] = out_words[pos : pos + count]
-            pos += count
-            result.append("".join(parts))
-        return result, counters
+        # Each word's replacement is a run in the buffer of _Vocabulary.with_chunk: an entry of
+        # the vocabulary, the word itself in the chunk's copy (OOV kept), or a string in a small
+        # pool built here (the mask token, re-cased words).
+        vocab = self._vocabulary()
+        chunk_at = vocab.size
+        pool_at = chunk_at + len(seg.cps)
+        safe_ids = np.where(known, out_ids, 0)
+        src_start = vocab.offsets[safe_ids]
+        new_lengths = vocab.lengths[safe_ids]
+        pool: list[str] = []
+        pool_size = 0
 
-    def _oov_replacement(self, word: str) -> str:
-        if self.oov is OovPolicy.MASK:
-            return self.mask_token
-        if self.oov is OovPolicy.DROP:
-            return ""
-        return word
+        oov_at = np.flatnonzero(~known)
+        if oov_at.size:
+            if self.oov is OovPolicy.KEEP:
+                src_start[oov_at] = chunk_at + starts[oov_at]
+                new_lengths[oov_at] = ends[oov_at] - starts[oov_at]
+            elif self.oov is OovPolicy.DROP:
+                new_lengths[oov_at] = 0
+            else:
+                src_start[oov_at] = pool_at
+                new_lengths[oov_at] = len(self.mask_token)
+                pool.append(self.mask_token)
+                pool_size = len(self.mask_token)
+
+        pattern = _case_patterns(seg, recased)
+        recased, pattern = recased[pattern != _AS_IS], pattern[pattern != _AS_IS]
+        if recased.size:
+            # Each distinct (replacement, case pattern) is spelled once per chunk, from a cache.
+            variants, which = _distinct_with_inverse(out_ids[recased] * 3 + pattern)
+            spelled = [self._spelled(v) for v in variants.tolist()]
+            lengths = np.fromiter(map(len, spelled), dtype=np.int64, count=len(spelled))
+            offsets = pool_at + pool_size + np.cumsum(lengths) - lengths
+            src_start[recased] = offsets[which]
+            new_lengths[recased] = lengths[which]
+            pool.extend(spelled)
+
+        # Output runs alternate: text before word 0 (from the chunk), word 0, text between words 0
+        # and 1, ..., text after the last word. BREAKs are part of that text, so they land in the
+        # output too and give the document boundaries.
+        buffer = vocab.with_chunk(seg.cps, _utf32("".join(pool)))
+        run_start = np.empty(2 * n_words + 1, dtype=np.int64)
+        run_length = np.empty(2 * n_words + 1, dtype=np.int64)
+        run_start[0] = chunk_at
+        run_start[2::2] = ends + chunk_at
+        run_length[0:-1:2] = starts
+        run_length[-1] = len(seg.cps)
+        run_length[0::2] -= run_start[0::2] - chunk_at
+        run_start[1::2] = src_start
+        run_length[1::2] = new_lengths
+        text = codecs.utf_32_le_decode(_gather_runs(buffer, run_start, run_length), "surrogatepass", True)[0]
+
+        growth = np.zeros(n_words + 1, dtype=np.int64)
+        np.cumsum(new_lengths - (ends - starts), out=growth[1:])
+        doc_at = (seg.breaks + growth[seg.doc_words]).tolist()
+        return [text[a + 1 : b] for a, b in pairwise(doc_at)], counters
+
+    def _look_up(self, seg: _Segmentation) -> tuple[np.ndarray, np.ndarray]:
+        """(vocabulary id or -1 per word, indices of in-vocabulary words that carry case).
+
+        All words of the chunk become one string "w0 w1 ... wn " (a space never occurs in a
+        word), lower-cased and NFC-normalised as a whole, split once for the dictionary lookup.
+        The strings live only inside this call.
+        """
+        starts, ends = seg.starts, seg.ends
+        lengths = ends - starts
+        selected = seg.in_word.copy()
+        selected[ends] = True  # one slot after each word, for the space
+        word_cps = seg.cps[selected]
+        del selected
+        space_at = np.cumsum(lengths + 1) - 1
+        word_cps[space_at] = _SPACE_CP
+        original = codecs.utf_32_le_decode(word_cps, "strict", True)[0]
+        lowered = original.lower()
+        if lowered.isascii():
+            keys = lowered
+        else:
+            keys = unicodedata.normalize("NFC", lowered)
+            self._add_nfc_aliases()
+        key_list = keys.split(" ")
+        key_list.pop()  # the empty string after the last space
+        ids = np.fromiter(map(self._lookup, key_list, repeat(-1)), dtype=np.int64, count=len(starts))
+        del key_list, keys
+
+        if lowered == original:
+            return ids, np.zeros(0, dtype=np.int64)
+        if len(lowered) == len(original):
+            differs = np.flatnonzero(word_cps != _utf32(lowered))
+            candidates = _distinct_sorted(np.searchsorted(space_at, differs))
+        else:  # a character lower-cased to several (İ): compare word by word
+            pairs = zip(original.split(" "), lowered.split(" "))
+            candidates = np.array([j for j, (a, b) in enumerate(pairs) if a != b], dtype=np.int64)
+        return ids, candidates[ids[candidates] >= 0]
+
+    def _add_nfc_aliases(self) -> None:
+        """Lookup is in NFC: a vocabulary entry stored in another normal form is also reachable
+        under its NFC spelling (an entry that is already NFC wins a collision). Only a non-ASCII
+        key can need this, so an ASCII corpus never pays for the check."""
+        if self._nfc_aliases:
+            return
+        self._nfc_aliases = True
+        if not unicodedata.is_normalized("NFC", "\n".join(self._table)):
+            table = dict(self._table)
+            for word, i in self._table.items():
+                table.setdefault(unicodedata.normalize("NFC", word), i)
+            self._table = table
+            self._lookup = table.get
+
+    def _spelled(self, variant: int) -> str:
+        """The vocabulary word `variant // 3` in case pattern `variant % 3`, cached."""
+        text = self._cased.get(variant)
+        if text is None:
+            word_id, pattern = divmod(variant, 3)
+            text = self._cased[variant] = apply_case(pattern, self._index.words[word_id])
+        return text

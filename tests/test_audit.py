@@ -24,7 +24,8 @@ from privtext import audit
 from privtext.index import EmbeddingIndex
 from privtext.mechanisms import available, create, get
 from privtext.mechanisms.base import Mechanism
-from privtext.mechanisms.gumbel import TruncatedGumbelMechanism, min_epsilon
+from privtext.mechanisms.floor import UniformFloor
+from privtext.mechanisms.gumbel import GumbelParams, TruncatedGumbelMechanism, min_epsilon
 from privtext.mechanisms.laplace import LaplaceMechanism, laplace_noise
 from privtext.mechanisms.nearest import nearest_words
 
@@ -162,7 +163,9 @@ def test_flags_gumbel_sign_flipped(line_index: EmbeddingIndex) -> None:
 def test_flags_truncation_cap_too_small(index_factory) -> None:  # type: ignore[no-untyped-def]
     index = triangle_index(index_factory, neighbors=3)
     eps = 1.001 * min_epsilon(3, index.geometry.delta_min)
-    assert_flagged(run(CapTooSmall(index, eps), 100_000))
+    # floor=0: the published sampler, whose full-table statement ε·d the cap breaks (with the
+    # default floor the stated bound is ε₀ for every pair and the floor hides the cap's zeros).
+    assert_flagged(run(CapTooSmall(index, eps, GumbelParams(floor="0")), 100_000))
 
 
 def test_flags_fixed_seed_reused_across_chunks(line_index: EmbeddingIndex) -> None:
@@ -174,15 +177,36 @@ def test_flags_fixed_seed_reused_across_chunks(line_index: EmbeddingIndex) -> No
     assert full.flagged
 
 
-def test_flags_real_gumbel_beyond_its_table(index_factory) -> None:  # type: ignore[no-untyped-def]
-    """The genuine mechanism with a table narrower than the vocabulary: the third word is never a
-    candidate for the first, yet every pair is only ≈ Δ_min apart, so the audit can refute the
-    stated bound (mechanisms.md §2, known doubt; tests/test_exact_privacy.py shows it exactly)."""
+class FloorClaimedNotDrawn(TruncatedGumbelMechanism):
+    """States the default floor's bound but never draws the floor: the bare published sampler
+    behind a guarantee that needs the floor."""
+
+    def __init__(self, index, epsilon, params=None):  # type: ignore[no-untyped-def]
+        super().__init__(index, epsilon, params)
+        self.floor = UniformFloor(0.0, index.n)
+
+
+def test_flags_gumbel_floor_claimed_but_not_drawn(index_factory) -> None:  # type: ignore[no-untyped-def]
+    """The third word of the triangle is never a candidate for the first with a two-wide table:
+    without the floor the ratio is unbounded, so the stated ε₀ (≈ 7.3 nats) is refuted."""
     index = triangle_index(index_factory, neighbors=2)
     eps = 1.001 * min_epsilon(3, index.geometry.delta_min)
-    result = run(create("gumbel", index, eps, {}), 100_000)
+    result = run(FloorClaimedNotDrawn(index, eps), 100_000)
     assert_flagged(result)
     assert any(p.verdict == "EXCEEDS" and p.rank is None for p in result.pairs)
+
+
+def test_real_gumbel_beyond_its_table(index_factory) -> None:  # type: ignore[no-untyped-def]
+    """The same vocabulary with the real mechanism. Default floor: every pair is covered and none
+    exceeds. floor=0: the map states no bound for the pair beyond the table (mechanisms.md §2,
+    known doubt) and the audit sees the support gap that makes it unbounded."""
+    index = triangle_index(index_factory, neighbors=2)
+    eps = 1.001 * min_epsilon(3, index.geometry.delta_min)
+    floored = run(create("gumbel", index, eps, {}), 100_000)
+    assert not floored.flagged and all(p.stated_bound is not None for p in floored.pairs)
+    bare = run(create("gumbel", index, eps, {"floor": "0"}), 100_000)
+    beyond = [p for p in bare.pairs if p.verdict == "not covered"]
+    assert beyond and all(p.support_gap > 0 for p in beyond)
 
 
 # --- correct mechanisms are not flagged -----------------------------------------------------------
@@ -291,16 +315,46 @@ def test_cli_audit_passes_a_correct_mechanism(cli_env: dict[str, str]) -> None:
     assert table.returncode == 0 and "no pair exceeds" in table.stdout
 
 
+_MUTANT_PLUGIN = """
+import sys
+from privtext.cli import main
+from privtext.mechanisms.floor import UniformFloor
+from privtext.mechanisms.gumbel import TruncatedGumbelMechanism
+from privtext.mechanisms.registry import register
+
+
+@register
+class FloorClaimedNotDrawn(TruncatedGumbelMechanism):
+    name = "gumbel-floor-not-drawn"
+
+    def __init__(self, index, epsilon, params=None):
+        super().__init__(index, epsilon, params)
+        self.floor = UniformFloor(0.0, index.n)
+
+
+sys.argv = ["privtext", *sys.argv[1:]]
+main()
+"""
+
+
 def test_cli_audit_exits_1_when_the_guarantee_is_exceeded(tmp_path: Path) -> None:
-    """Truncated Gumbel on a three-word embedding with a two-wide table (see above)."""
+    """A plugin mechanism registered through the public `register` path (in a real process)
+    that states the floor's bound without drawing the floor, on a three-word embedding with a
+    two-wide table (see above): the command prints the verdict and exits 1."""
     vectors = tmp_path / "tri.txt"
     vectors.write_text("alpha 1.0 1.0\nbeta 2.0 1.0\ngamma 1.5 1.88\n")
     env = {**os.environ, "PRIVTEXT_CACHE": str(tmp_path / "cache")}
-    proc = _cli(env, "--mechanism", "gumbel", "--epsilon", "7.21", "--embeddings", str(vectors),
-                "--embeddings-format", "glove", "--vocab-size", "3", "--neighbors", "2",
-                "--samples", "100000", "--seed", "3", "-q")
+    args = ["audit", "--epsilon", "7.21", "--embeddings", str(vectors),
+            "--embeddings-format", "glove", "--vocab-size", "3", "--neighbors", "2",
+            "--samples", "100000", "--seed", "3", "-q"]
+    proc = subprocess.run([sys.executable, "-c", _MUTANT_PLUGIN, *args, "--mechanism",
+                           "gumbel-floor-not-drawn"], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "EXCEEDS" in proc.stdout and "FLAGGED" in proc.stdout
+    real = _cli(env, *args[1:], "--mechanism", "gumbel")
+    assert real.returncode == 0, real.stdout + real.stderr
+    assert "no pair exceeds" in real.stdout
 
 
 def test_cli_audit_usage_errors(cli_env: dict[str, str]) -> None:
@@ -311,3 +365,31 @@ def test_cli_audit_usage_errors(cli_env: dict[str, str]) -> None:
                    "--words", "the,zqxjsecretword", "-q")
     assert unknown.returncode == 2 and "zqxjsecretword" not in unknown.stderr + unknown.stdout
     assert len(unknown.stderr.strip().splitlines()) == 1
+
+
+class MapOnlyPlugin(Mechanism):
+    """A third-party mechanism that declares only its Guarantee (no privacy_loss of its own):
+    Laplace's sampler and statement."""
+
+    name = "map-only-plugin"
+    summary = reference = "test plugin"
+
+    @classmethod
+    def privacy_map(cls, epsilon, params, geometry):  # type: ignore[no-untyped-def]
+        return LaplaceMechanism.privacy_map(epsilon, params, geometry)
+
+    def perturb_ids(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        noisy = np.asarray(self.index.vectors[ids], dtype=np.float64)
+        noisy += laplace_noise(rng, len(ids), self.index.dim, self.epsilon)
+        return nearest_words(self.index, noisy, ids, k=1)[0][:, 0]
+
+
+def test_a_plugin_is_audited_from_its_guarantee_alone(line_index: EmbeddingIndex) -> None:
+    plugin = MapOnlyPlugin(line_index, 2.0)
+    real = LaplaceMechanism(line_index, 2.0)
+    x, x2 = np.array([0, 1, 2, 3]), np.array([1, 1, 5, 6])
+    np.testing.assert_allclose(plugin.privacy_loss(x, x2), real.privacy_loss(x, x2), rtol=1e-12)
+    assert plugin.privacy_loss(x, x2)[1] == 0.0
+    result = run(plugin, 20_000, seed=4)
+    assert not result.flagged and all(p.stated_bound is not None for p in result.pairs)

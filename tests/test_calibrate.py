@@ -119,3 +119,46 @@ def test_cli_calibrate_json_and_errors(glove_small, cache_root) -> None:  # type
     assert proc.returncode == 2 and b"not reachable" in proc.stderr and b"Traceback" not in proc.stderr
     both = CliRunner().invoke(cli, ["calibrate", "--mechanism", "laplace", *common])
     assert both.exit_code != 0
+
+
+# --- attack success (mechanisms.md §10) -----------------------------------------------------------
+
+
+def test_risk_target_is_met_on_the_private_side(glove_small) -> None:  # type: ignore[no-untyped-def]
+    from privtext import risk
+    from privtext.calibrate import calibrate_risk
+    from privtext.mechanisms import create
+
+    res = calibrate_risk(glove_small, "santext", 0.3, progress=False)
+    assert res.achieved <= 0.3 and res.statistic == "risk"
+    # exact mechanism: the figure at the returned ε is the library's, and the bracket's upper end
+    # is past the target
+    at = risk.attack_success(create("santext", glove_small, res.epsilon, {}))["uniform"]
+    assert at.attack_success == res.achieved
+    above = risk.attack_success(create("santext", glove_small, res.bracket[1], {}))["uniform"]
+    assert above.attack_success > 0.3
+    zipf = calibrate_risk(glove_small, "santext", 0.3, prior="zipf", progress=False)
+    assert zipf.epsilon != res.epsilon and zipf.stats.summary()["prior"] == "zipf"
+
+
+def test_risk_target_below_the_baseline_is_unreachable(glove_small) -> None:  # type: ignore[no-untyped-def]
+    from privtext.calibrate import UnreachableTargetError, calibrate_risk
+
+    with pytest.raises(UnreachableTargetError, match="attack success"):
+        calibrate_risk(glove_small, "santext", 1e-5, progress=False)  # baseline 1/1949
+    with pytest.raises(UsageError):
+        calibrate_risk(glove_small, "santext", 1.5, progress=False)
+
+
+def test_cli_calibrate_target_risk(glove_small, cache_root) -> None:  # type: ignore[no-untyped-def]
+    common = ["--vocab-size", "2000", "--cache-dir", str(cache_root), "-q", "--seed", "1"]
+    res = CliRunner().invoke(cli, ["calibrate", "--mechanism", "tem", "--target-risk", "0.2",
+                                   "--json", *common])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["statistic"] == "risk" and data["achieved_median"] <= 0.2
+    assert data["statistics"]["method"] == "exact" and data["statistics"]["prior"] == "uniform"
+    text = CliRunner().invoke(cli, ["calibrate", "--mechanism", "gumbel", "--target-risk", "0.25",
+                                    "--prior", "zipf", *common])
+    assert text.exit_code == 0, text.output
+    assert text.output.startswith("epsilon = ") and "monte-carlo" in text.output

@@ -385,3 +385,19 @@ def test_jsonl_bytes_outside_the_field_are_kept_exactly(tmp_path: Path, env: dic
     assert second.startswith(b'{"text": "') and second.endswith(b'", "k": [1.50, -0.0]}\r')
     assert second.count(b'"text": ') == 2
     assert out[2] == b"   " and out[3] == lines[3].rstrip(b"\n")  # blank kept; the bad record kept as is
+
+
+def test_search_hnsw_option_reports_recall(tmp_path: Path, env: dict[str, str]) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", RECORDS)
+    report = tmp_path / "report.json"
+    proc = run(env, "perturb", str(src), "-o", str(tmp_path / "out.jsonl"), "--mechanism", "vickrey",
+               "--epsilon", "10", "--search", "hnsw", "--report", str(report), *VOCAB)
+    data = json.loads(report.read_text())
+    assert data["mechanism"]["params"]["search"] == "hnsw"
+    recall = data["mechanism"]["derived"]["hnsw_recall"]
+    assert 0.5 < recall["recall_at_1_zipf"] <= 1.0
+    assert "recall@1" in proc.stderr.decode()
+    assert any("HNSW" in c for c in data["guarantee"]["conditions"])
+    bad = run(env, "perturb", str(src), "--mechanism", "gumbel", "--epsilon", "300", "--search", "hnsw",
+              *VOCAB, check=False)
+    assert bad.returncode == 2 and b"--search applies only to laplace" in bad.stderr

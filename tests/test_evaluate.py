@@ -182,9 +182,40 @@ def test_cli_evaluate_usage_errors(glove_small, cache_root, tmp_path: Path) -> N
     base = [sys.executable, "-m", "privtext", "evaluate", "--data", str(path), "--vocab-size", "2000",
             "--cache-dir", str(cache_root), "-q"]
     for extra, needle in (
-        (["--mechanisms", "laplace"], b"either --epsilon or --match-unchanged"),
+        (["--mechanisms", "laplace"], b"either --epsilon or --match-unchanged/--match-risk"),
         (["--mechanisms", "nope", "--epsilon", "5"], b"unknown mechanism"),
         (["--mechanisms", "laplace,gumbel", "--epsilon", "5", "--param", "t=1"], b"NAME.KEY=VALUE"),
     ):
         proc = subprocess.run(base + extra, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
         assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+
+
+def test_risk_matched_settings(glove_small) -> None:  # type: ignore[no-untyped-def]
+    from privtext.evaluate import risk_matched_settings
+
+    cache: dict = {}
+    settings, skipped = risk_matched_settings(glove_small, ["santext", "custext"], [0.2, 1e-5],
+                                              key=3, sample=40, draws=20, progress=False, cache=cache)
+    got = {(s.mechanism, s.target_risk) for s in settings}
+    assert ("santext", 0.2) in got and ("custext", 0.2) in got
+    assert ("custext", 1e-5) in {(s.mechanism, s.target_risk) for s in skipped}  # below baseline
+    assert all(s.attack_success is not None and s.attack_success <= s.target_risk for s in settings)
+    assert all(s.median_unchanged is not None for s in settings)
+
+
+def test_cli_evaluate_match_risk(glove_small, cache_root, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = _corpus(glove_small, 120, 6)
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(data.texts, data.labels)))
+    args = ["evaluate", "--data", str(path), "--mechanisms", "santext,tem", "--match-risk", "0.3",
+            "--match-unchanged", "0.5", "--repeats", "1", "--vocab-size", "2000", "--cache-dir",
+            str(cache_root), "-q", "--sample", "40", "--draws", "20", "--seed", "1"]
+    res = CliRunner().invoke(cli, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)["rows"]
+    risk_rows = [r for r in rows if r["target_risk"] == 0.3]
+    assert {r["mechanism"] for r in risk_rows} == {"santext", "tem"}
+    assert all(r["attack_success"] <= 0.3 for r in risk_rows)
+    assert {r["mechanism"] for r in rows if r["target_unchanged"] == 0.5} == {"santext", "tem"}
+    table = CliRunner().invoke(cli, args)
+    assert table.exit_code == 0 and "r0.30" in table.output and "attack success" in table.output

@@ -8,8 +8,11 @@ truncated Gumbel). Each is also tied to the implementation: it must equal the me
 without an exact form (laplace, mahalanobis, vickrey: nearest word to a continuous noisy point)
 are skipped here and covered by the black-box audit (tests/test_audit.py).
 
-Where a stated guarantee cannot hold, the tests show the violation explicitly (truncated Gumbel)
-instead of loosening the check. docs/audit.md explains the findings.
+The stated bound for each pair is read from the mechanism's executable privacy map
+(`privacy_loss`), never from its statement text. Where the bare published sampler cannot hold its
+statement (truncated Gumbel with floor=0), the tests show the violation explicitly; with the
+uniform floor (mechanisms.md §9, gumbel's default) they check the bound on every pair.
+docs/audit.md explains the findings.
 """
 
 from __future__ import annotations
@@ -80,9 +83,19 @@ def exact_density(m: Mechanism) -> np.ndarray:
     return normalise_log(log_pi[None, :] - m.epsilon * d / 2)
 
 
+def with_floor(m: Mechanism, log_q: np.ndarray) -> np.ndarray:
+    """§9: P = (1 − α)·Q + α/n with the realised α the map states (no floor: Q itself)."""
+    alpha = m.guarantee.floor or 0.0
+    if alpha == 0.0:
+        return log_q
+    n = m.index.n
+    return np.logaddexp(math.log1p(-alpha) + log_q, math.log(alpha / n))
+
+
 def exact_custext(m: Mechanism) -> np.ndarray:
-    """§8: inside x's group, P ∝ exp(ε u/2), u = −(d − d_min)/(d_max − d_min) over the group.
-    The partition itself is tested in test_mech_custext.py; here it is read from the mechanism."""
+    """§8: inside x's group, P ∝ exp(ε u/2), u = −(d − d_min)/(d_max − d_min) over the group,
+    then the floor of §9. The partition itself is tested in test_mech_custext.py; here it is
+    read from the mechanism (group_of: public, it is what the output reveals)."""
     n = m.index.n
     d = distances(m.index)
     group = m.group_of(np.arange(n))
@@ -93,7 +106,7 @@ def exact_custext(m: Mechanism) -> np.ndarray:
         spread = dm.max() - dm.min()
         u = -(dm - dm.min()) / spread if spread > 0 else np.zeros_like(dm)
         out[x, members] = normalise_log((m.epsilon * u / 2)[None, :])[0]
-    return out
+    return with_floor(m, out)
 
 
 def _truncated_gumbel(b: float, bound: float) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]:
@@ -123,7 +136,7 @@ def gumbel_count_pmf(m: Mechanism) -> np.ndarray:
 
 
 def exact_gumbel(m: Mechanism) -> np.ndarray:
-    """§2: for each candidate count k, P(candidate j wins) = ∫ f(g) Π_{i<k, i≠j} S(d_j + g − d_i) dg
+    """§2 (then the floor of §9): for each candidate count k, P(candidate j wins) = ∫ f(g) Π_{i<k, i≠j} S(d_j + g − d_i) dg
     over the truncated noise g of candidate j (S, f: survival and density of the truncated
     Gumbel), mixed over the conditioned Poisson count. One vector integral per input word."""
     index = m.index
@@ -149,7 +162,7 @@ def exact_gumbel(m: Mechanism) -> np.ndarray:
                                   epsabs=0.0, epsrel=1e-10, limit=10_000)
         out[x, np.asarray(index.neighbor_ids[x])] = pk @ w.reshape(width, width)
     with np.errstate(divide="ignore"):
-        return np.log(out)
+        return with_floor(m, np.log(out))
 
 
 EXACT: dict[str, Exact] = {
@@ -165,31 +178,35 @@ NO_EXACT_FORM = {"laplace", "mahalanobis", "vickrey"}  # nearest word to a conti
 # --- the check itself -----------------------------------------------------------------------------
 
 
-def worst_excess(m: Mechanism, log_p: np.ndarray, outputs: np.ndarray | None = None
-                 ) -> tuple[float, tuple[int, int, int]]:
-    """max over pairs x ≠ x' and outputs y of ln P[y|x] − ln P[y|x'] − (stated bound for x, x'),
-    and where it is attained. Pairs the guarantee does not cover are left out."""
-    g = m.guarantee
+def stated_loss(m: Mechanism) -> np.ndarray:
+    """[x, x'] = the bound the mechanism's executable map states for the pair (inf: none)."""
     n = m.index.n
-    d = distances(m.index)
-    if g.kind == "metric":
-        allowed = g.rate * d
-    elif g.kind == "pure":
-        allowed = np.full((n, n), g.rate)
-        if hasattr(m, "group_of"):
-            group = m.group_of(np.arange(n))
-            allowed[group[:, None] != group[None, :]] = np.nan
-    else:
-        raise AssertionError(f"no exact check for a {g.kind} guarantee")
+    x, x2 = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    return m.privacy_loss(x.ravel(), x2.ravel()).reshape(n, n)
+
+
+def published_metric_loss(m: Mechanism) -> np.ndarray:
+    """ε·d(x, x'): the published metric statement, whatever the map states."""
+    return m.epsilon * distances(m.index)
+
+
+def worst_excess(m: Mechanism, log_p: np.ndarray, outputs: np.ndarray | None = None,
+                 allowed: np.ndarray | None = None) -> tuple[float, tuple[int, int, int]]:
+    """max over pairs x ≠ x' and outputs y of ln P[y|x] − ln P[y|x'] − (bound for x, x'), and
+    where it is attained. The bound is the map's `privacy_loss` unless `allowed` is given; pairs
+    with no stated bound (inf) are left out."""
+    if allowed is None:
+        allowed = stated_loss(m)
     with np.errstate(invalid="ignore"):
         ratio = log_p[:, None, :] - log_p[None, :, :]  # [x, x', y]
     # 0/0 (y impossible for both) is no evidence; a/0 with a > 0 is +inf and stays.
     ratio = np.where(np.isneginf(log_p)[:, None, :] & np.isneginf(log_p)[None, :, :], -np.inf, ratio)
     if outputs is not None:
         ratio[:, :, ~outputs] = -np.inf
-    excess = ratio.max(axis=2) - allowed
+    with np.errstate(invalid="ignore"):
+        excess = ratio.max(axis=2) - allowed
     np.fill_diagonal(excess, -np.inf)
-    excess = np.where(np.isnan(allowed), -np.inf, excess)
+    excess = np.where(np.isinf(allowed), -np.inf, excess)
     x, x2 = np.unravel_index(np.argmax(excess), excess.shape)
     y = int(np.argmax(ratio[x, x2]))
     return float(excess[x, x2]), (int(x), int(x2), y)
@@ -206,7 +223,8 @@ PARAMS: dict[str, list[dict[str, str]]] = {
     "santext": [{}],
     "tem": [{}, {"beta": "0.2"}],
     "density": [{}, {"bandwidth": "0.3"}],
-    "custext": [{"K": "4"}, {"K": "3"}],
+    "custext": [{"K": "4"}, {"K": "3"}, {"K": "4", "floor": "0.01"}, {"K": "3", "floor": "auto"},
+                {"K": "4", "floor": "0.5"}],
 }
 
 
@@ -278,25 +296,43 @@ def test_custext_groups_are_distinguishable(index_factory) -> None:  # type: ign
     a, b = 0, int(np.flatnonzero(group != group[0])[0])
     assert np.isneginf(log_p[b, log_p[a] > -np.inf]).all()
     assert "different groups are distinguishable" in m.guarantee.statement
+    assert m.privacy_loss(np.array([a]), np.array([b]))[0] == math.inf  # the map says so too
+    assert m.guarantee.warnings
 
 
-@pytest.mark.parametrize(("name", "params"), [("santext", {}), ("tem", {"beta": "0.2"}), ("density", {}),
-                                              ("custext", {"K": "4"}), ("gumbel", {})])
-def test_sampler_draws_the_exact_distribution(name: str, params: dict[str, str], index_factory) -> None:  # type: ignore[no-untyped-def]
-    """Ties the exact forms above to the samplers: a seeded chi-square test per input word,
-    pooled. Without this, a correct formula would say nothing about the code."""
-    _registered_or_skip(name)
-    n = 10
-    index = index_factory(tiny_vectors(31, n, 3), neighbors=n)
-    eps = 2.0
-    if name == "gumbel":
-        from privtext.mechanisms.gumbel import min_epsilon
+def test_custext_floor_bounds_every_pair_and_is_tight_across_groups(index_factory) -> None:  # type: ignore[no-untyped-def]
+    """With a floor, pairs across groups get ε₀ = ln(1 + (1 − α)·n·q̄/α) with the proven
+    q̄ = 1/(1 + (s − 1)e^(−ε/2)). The ratio at y = argmax Q(·|x) against an input of another
+    group is exactly 1 + (1 − α)·n·Q(y|x)/α (mechanisms.md §9), and no output of Q exceeds q̄."""
+    _registered_or_skip("custext")
+    n = 12
+    index = index_factory(tiny_vectors(22, n, 3), neighbors=8)
+    for eps in EPSILONS:
+        m = create("custext", index, eps, {"K": "4", "floor": "0.0625"})
+        alpha = m.guarantee.floor
+        assert alpha == 0.0625  # 2^-4: on the coin grid, realised exactly
+        log_p = exact_custext(m)
+        q = (np.exp(log_p) - alpha / n) / (1 - alpha)
+        assert q.max() <= m.guarantee.floor_qbar
+        excess, _ = worst_excess(m, log_p)
+        assert excess <= TOL
+        group = m.group_of(np.arange(n))
+        a, b = 0, int(np.flatnonzero(group != group[0])[0])
+        y = int(np.argmax(q[a]))
+        assert math.isclose(log_p[a, y] - log_p[b, y], math.log1p((1 - alpha) * n * q[a, y] / alpha),
+                            rel_tol=1e-12)
+        assert m.privacy_loss(np.array([a]), np.array([b]))[0] == m.guarantee.per_token_pure_bound
 
-        eps = 1.3 * min_epsilon(n, index.geometry.delta_min)
-    m = create(name, index, eps, params)
-    probs = np.exp(EXACT[name](m))
-    rng = np.random.default_rng(5)
-    draws = 20_000
+
+SAMPLER_CASES = [("santext", {}), ("tem", {"beta": "0.2"}), ("density", {}), ("custext", {"K": "4"}),
+                 ("custext", {"K": "4", "floor": "0.25"}), ("gumbel", {}), ("gumbel", {"floor": "0"}),
+                 ("gumbel", {"floor": "0.25"})]
+
+
+def _chi_square(m: Mechanism, probs: np.ndarray, draws: int, seed: int) -> float:
+    """Pooled chi-square p-value of `draws` outputs per input word against `probs` (rows)."""
+    n = m.index.n
+    rng = np.random.default_rng(seed)
     total, dof = 0.0, 0
     for x in range(n):
         counts = np.bincount(m.perturb_ids(np.full(draws, x), rng), minlength=n)
@@ -308,23 +344,54 @@ def test_sampler_draws_the_exact_distribution(name: str, params: dict[str, str],
         keep = exp > 0
         total += float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
         dof += int(keep.sum()) - 1
-    assert stats.chi2.sf(total, max(dof, 1)) > 1e-4
+    return float(stats.chi2.sf(total, max(dof, 1)))
 
 
-# --- truncated Gumbel: what the reconstructed guarantee does and does not give ------------------
+def _sampler_case(name: str, params: dict[str, str], index_factory) -> Mechanism:  # type: ignore[no-untyped-def]
+    n = 10
+    index = index_factory(tiny_vectors(31, n, 3), neighbors=n if name != "gumbel" else 6)
+    eps = 2.0
+    if name == "gumbel":
+        from privtext.mechanisms.gumbel import min_epsilon
+
+        eps = 1.3 * min_epsilon(n, index.geometry.delta_min)
+    return create(name, index, eps, params)
 
 
-def _gumbel(index: EmbeddingIndex, factor: float) -> Mechanism:
+@pytest.mark.parametrize(("name", "params"), SAMPLER_CASES,
+                         ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={x}" for k, x in v.items()) or "default")
+def test_sampler_draws_the_exact_distribution(name: str, params: dict[str, str], index_factory) -> None:  # type: ignore[no-untyped-def]
+    """Ties the exact forms above to the samplers: a seeded chi-square test per input word,
+    pooled. Without this, a correct formula would say nothing about the code."""
+    _registered_or_skip(name)
+    m = _sampler_case(name, params, index_factory)
+    assert _chi_square(m, np.exp(EXACT[name](m)), 20_000, seed=5) > 1e-4
+
+
+def test_sampler_check_rejects_a_wrong_floor(index_factory) -> None:  # type: ignore[no-untyped-def]
+    """Power check: the same chi-square test rejects draws whose floor differs from the stated one
+    (0.25 drawn, 0.15 stated), for both mechanisms that take a floor."""
+    for name, params in (("gumbel", {}), ("custext", {"K": "4"})):
+        drawn = _sampler_case(name, {**params, "floor": "0.25"}, index_factory)
+        stated = _sampler_case(name, {**params, "floor": "0.15"}, index_factory)
+        assert _chi_square(drawn, np.exp(EXACT[name](stated)), 20_000, seed=5) < 1e-6
+
+
+# --- truncated Gumbel: the bare published sampler (floor=0) and the default floor --------------
+
+
+def _gumbel(index: EmbeddingIndex, factor: float, floor: str | None = "0") -> Mechanism:
     from privtext.mechanisms.gumbel import min_epsilon
 
-    return create("gumbel", index, factor * min_epsilon(index.n, index.geometry.delta_min), {})
+    params = {} if floor is None else {"floor": floor}
+    return create("gumbel", index, factor * min_epsilon(index.n, index.geometry.delta_min), params)
 
 
 @pytest.mark.parametrize(("seed", "n", "dim"), [(6050, 6, 5), (10020, 10, 2), (10051, 10, 5)])
 def test_gumbel_exact_within_stated_guarantee_on_small_full_tables(seed: int, n: int, dim: int,
                                                                    index_factory) -> None:  # type: ignore[no-untyped-def]
-    """Where the reconstructed guarantee does hold: vocabularies of at most 10 words with a table
-    as wide as the vocabulary (no truncation), from just above ε_∞ upwards."""
+    """Where the bare published sampler (floor=0) does hold its statement: vocabularies of at
+    most 10 words with a table as wide as the vocabulary (no truncation), from just above ε_∞."""
     index = index_factory(np.random.default_rng(seed).normal(size=(n, dim)), neighbors=n)
     for factor in (1.001, 1.3, 4.0):
         m = _gumbel(index, factor)
@@ -334,38 +401,84 @@ def test_gumbel_exact_within_stated_guarantee_on_small_full_tables(seed: int, n:
         assert excess <= TOL, f"ε = {factor}·ε_∞: exceeds by {excess} at {where}"
 
 
-def test_gumbel_violates_stated_guarantee_beyond_the_table(index_factory) -> None:  # type: ignore[no-untyped-def]
-    """VIOLATION (mechanisms.md §2, known doubt): a word beyond rank K of x is never output for x
-    but is output for itself, so P[y|x] = 0 < P[y|x'] and the log ratio is +inf, while the
-    stated bound ε·d(x, x') is finite. Any table narrower than the vocabulary has such pairs."""
+def test_gumbel_violates_published_statement_beyond_the_table(index_factory) -> None:  # type: ignore[no-untyped-def]
+    """VIOLATION of the published statement by the bare sampler (floor=0; mechanisms.md §2, known
+    doubt): a word beyond rank K of x is never output for x but is output for itself, so
+    P[y|x] = 0 < P[y|x'] and the log ratio is +inf, while ε·d(x, x') is finite. The floor=0 map
+    is honest about it: it states no bound (inf) for exactly such pairs."""
     index = index_factory(np.random.default_rng(7).normal(size=(12, 3)), neighbors=4)
     m = _gumbel(index, 2.0)
     log_p = exact_gumbel(m)
-    excess, (x, x2, y) = worst_excess(m, log_p)
+    excess, (x, x2, y) = worst_excess(m, log_p, allowed=published_metric_loss(m))
     assert excess == math.inf
     assert np.isneginf(log_p[x2, y]) or np.isneginf(log_p[x, y])
-    # the pair is a "beyond the table" pair: y is outside one input's K-row
     beyond = [y not in set(np.asarray(index.neighbor_ids[w]).tolist()) for w in (x, x2)]
-    assert any(beyond)
+    assert any(beyond)  # y is outside one input's K-row
+    assert m.privacy_loss(np.array([x]), np.array([x2]))[0] == math.inf
+    stated, _ = worst_excess(m, log_p)  # what the map does state still holds here
+    assert stated <= TOL
 
 
-def test_gumbel_violates_stated_guarantee_within_a_full_table(index_factory) -> None:  # type: ignore[no-untyped-def]
-    """VIOLATION even without truncation: 14 words in 5 dimensions, table = whole vocabulary,
-    ε = 1.001·ε_∞. The worst case is the closest pair (d(x, x') = Δ_min) and an output y that is
-    5th in x's row but 13th in x''s: x' can output y only when its Poisson count (λ = ln 13 ≈
-    2.56) reaches 13, so P[y|x'] ≈ e^-16 against P[y|x] ≈ e^-5. The reconstructed bound
-    ε·Δ_min ≈ 2(1 + ln n) + 3 does not cover that count tail (the noise scale b ≫ Δ_max here, so
-    the Gumbel step barely matters). At 1.3·ε_∞ the same vocabulary is within the bound."""
+def test_gumbel_violates_published_statement_within_a_full_table(index_factory) -> None:  # type: ignore[no-untyped-def]
+    """VIOLATION even without truncation (floor=0): 14 words in 5 dimensions, table = whole
+    vocabulary, ε = 1.001·ε_∞. The worst case is the closest pair (d(x, x') = Δ_min) and an output
+    y that is 5th in x's row but 13th in x''s: x' can output y only when its Poisson count
+    (λ = ln 13 ≈ 2.56) reaches 13, so P[y|x'] ≈ e^-16 against P[y|x] ≈ e^-5. The reconstructed
+    bound ε·Δ_min ≈ 2(1 + ln n) + 3 does not cover that count tail. At 1.3·ε_∞ the same vocabulary
+    is within the bound."""
     index = index_factory(np.random.default_rng(14050).normal(size=(14, 5)), neighbors=14)
     m = _gumbel(index, 1.001)
     log_p = exact_gumbel(m)
     excess, (x, x2, y) = worst_excess(m, log_p)
     assert excess > 0.5, f"expected a violation of at least 0.5 nats, got {excess}"
     assert math.isfinite(excess)
-    # y ranks far down x''s row (the Poisson count tail), much further than in x's row
+
     def rank(w: int) -> int:
         return int(np.flatnonzero(np.asarray(index.neighbor_ids[w]) == y)[0])
 
     assert rank(x2) >= 10 > rank(x)
     within, _ = worst_excess(_gumbel(index, 1.3), exact_gumbel(_gumbel(index, 1.3)))
     assert within <= TOL
+
+
+GUMBEL_FLOOR_CASES = [
+    # (seed, n, dim, table width): narrow tables (pairs beyond the table) and the full 14-word
+    # table whose bare sampler breaks the formula near ε_∞
+    (7, 12, 3, 4), (6050, 6, 5, 3), (10020, 10, 2, 5), (14050, 14, 5, 14), (21, 20, 3, 6),
+]
+
+
+@pytest.mark.parametrize(("seed", "n", "dim", "width"), GUMBEL_FLOOR_CASES)
+def test_gumbel_default_floor_holds_for_every_pair(seed: int, n: int, dim: int, width: int,
+                                                   index_factory) -> None:  # type: ignore[no-untyped-def]
+    """The default (floor=auto): the exact distribution (1 − α)Q + α/n is within the map's bound
+    on every pair and output, and, as the map states, within the published statement ε·d(x, x')
+    too, including the pairs the bare sampler violates above."""
+    index = index_factory(np.random.default_rng(seed).normal(size=(n, dim)), neighbors=width)
+    for factor in (1.001, 1.3, 4.0):
+        m = _gumbel(index, factor, floor=None)
+        g = m.guarantee
+        assert g.floor is not None and g.floor >= 2.0**-40 and g.published_statement_covered
+        log_p = exact_gumbel(m)
+        assert np.allclose(np.exp(log_p).sum(axis=1), 1.0, atol=1e-9)
+        stated = stated_loss(m)
+        off = ~np.eye(n, dtype=bool)
+        assert np.isfinite(stated).all() and (stated[off] == g.per_token_pure_bound).all()
+        excess, where = worst_excess(m, log_p)
+        assert excess <= TOL, f"ε = {factor}·ε_∞: exceeds the map by {excess} at {where}"
+        published, where = worst_excess(m, log_p, allowed=published_metric_loss(m))
+        assert published <= TOL, f"ε = {factor}·ε_∞: exceeds ε·d by {published} at {where}"
+
+
+def test_gumbel_explicit_floor_states_its_pure_bound(index_factory) -> None:  # type: ignore[no-untyped-def]
+    """A larger floor gives a smaller pure bound; a floor too small for ε·Δ_min says the
+    published statement is not covered and states only ε₀ (still checked on every pair)."""
+    index = index_factory(np.random.default_rng(7).normal(size=(12, 3)), neighbors=4)
+    strong = _gumbel(index, 2.0, floor="0.2")
+    auto = _gumbel(index, 2.0, floor=None)
+    assert strong.guarantee.per_token_pure_bound < auto.guarantee.per_token_pure_bound  # type: ignore[operator]
+    weak = _gumbel(index, 1.001, floor=str(2.0**-40))
+    assert weak.guarantee.published_statement_covered is False and weak.guarantee.kind == "pure"
+    for m in (strong, weak):
+        excess, where = worst_excess(m, exact_gumbel(m))
+        assert excess <= TOL, f"exceeds the map by {excess} at {where}"

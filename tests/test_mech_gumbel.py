@@ -100,8 +100,16 @@ def test_candidate_count_is_poisson_conditioned_and_capped(glove_small) -> None:
     assert mech.derived()["candidate_cap_mass"] < 1e-20
 
 
-def test_guarantee_names_the_reconstruction_and_the_truncation(glove_small) -> None:  # type: ignore[no-untyped-def]
+def test_guarantee_names_the_reconstruction_the_truncation_and_the_floor(glove_small) -> None:  # type: ignore[no-untyped-def]
     g = create("gumbel", glove_small, 500.0, {}).guarantee
     assert g.kind == "metric" and g.rate == 500.0
+    assert g.published_statement_covered is True and g.floor is not None and g.floor > 0
+    assert g.per_token_pure_bound is not None
+    assert g.per_token_pure_bound <= 500.0 * glove_small.geometry.delta_min
+    assert not g.warnings
     text = " ".join(g.caveats)
-    assert "reconstructed" in text and "K = 64" in text and "unbounded" in text
+    assert "reconstructed" in text and "K = 64" in text
+    bare = create("gumbel", glove_small, 500.0, {"floor": "0"}).guarantee
+    assert "unprotected" in bare.statement and "unbounded" in bare.statement
+    assert bare.per_token_pure_bound is None and bare.published_statement_covered is False
+    assert len(bare.warnings) == 1 and "floor=0" in bare.warnings[0]

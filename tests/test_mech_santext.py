@@ -84,8 +84,8 @@ def test_many_distinct_words_and_the_cache_give_identical_draws(index_factory) -
     vectors = vocabulary(3 * BLOCK + 17, seed=11)
     idx = index_factory(vectors, neighbors=8)
     ids = np.random.default_rng(4).integers(0, idx.n, 30_000)
-    cached = FullVocabularySampler(idx, 0.4, cache_bytes=40 * 8 * (4 * BLOCK + 4))
-    uncached = FullVocabularySampler(idx, 0.4, cache_bytes=0)
+    cached = FullVocabularySampler(idx, 0.4, cache_bytes=40 * 8 * (4 * BLOCK + 4), method="scan")
+    uncached = FullVocabularySampler(idx, 0.4, cache_bytes=0, method="scan")
     assert cached.cache_words == 40 and uncached.cache_words == 0
     a = cached.sample(ids, np.random.default_rng(5))
     b = uncached.sample(ids, np.random.default_rng(5))

@@ -1,3 +1,5 @@
+import unicodedata
+
 import numpy as np
 import pytest
 
@@ -54,3 +56,228 @@ def test_per_document_histogram(glove_small) -> None:  # type: ignore[no-untyped
     )
     # documents with 2, 0, 3 (the OOV word is not perturbed) and 1 perturbed tokens
     assert counters.doc_hist.tolist() == [1, 1, 1, 1]
+
+
+# --- Unicode words, byte preservation and an oracle for the columnar chunk path -----------------
+
+_EXTENDER_CATEGORIES = ("Mn", "Mc", "Me")
+
+
+def reference_tokenize(text: str) -> list[str]:
+    """The word definition, one character at a time: a letter or digit, then any letters, digits,
+    combining marks and ZWNJ/ZWJ. Slow and obvious on purpose: the oracle for the fast path."""
+
+    def continues(ch: str) -> bool:
+        return ch.isalnum() or ch in "\u200c\u200d" or unicodedata.category(ch) in _EXTENDER_CATEGORIES
+
+    parts: list[str] = []
+    gap_start = i = 0
+    while i < len(text):
+        if text[i].isalnum():
+            j = i + 1
+            while j < len(text) and continues(text[j]):
+                j += 1
+            parts += [text[gap_start:i], text[i:j]]
+            gap_start = i = j
+        else:
+            i += 1
+    parts.append(text[gap_start:])
+    return parts
+
+
+def _nfc_table(index) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    table = dict(index.word_to_id)
+    for word, i in list(table.items()):
+        table.setdefault(unicodedata.normalize("NFC", word), i)
+    return table
+
+
+def reference_perturb(perturber: TextPerturber, index, texts: list[str], rng: np.random.Generator):  # type: ignore[no-untyped-def]
+    """What perturb_texts must return, computed word by word in plain Python."""
+    table = _nfc_table(index)
+    docs = [reference_tokenize(t) for t in texts]
+    words = [w for parts in docs for w in parts[1::2]]
+    ids = np.array([table.get(unicodedata.normalize("NFC", w.lower()), -1) for w in words], dtype=np.int64)
+    known = ids >= 0
+    out_ids = ids.copy()
+    out_ids[known] = perturber.mechanism.perturb_ids(ids[known], rng)
+    replaced = []
+    for word, i, o in zip(words, ids.tolist(), out_ids.tolist()):
+        if i < 0:
+            replaced.append({"mask": "[OOV]", "drop": "", "keep": word}[perturber.oov.value])
+        elif word != word.lower():
+            replaced.append(restore_case(word, index.words[o]))
+        else:
+            replaced.append(index.words[o])
+    out, pos, per_doc = [], 0, []
+    for parts in docs:
+        n = len(parts) // 2
+        parts[1::2] = replaced[pos : pos + n]
+        per_doc.append(int(known[pos : pos + n].sum()))
+        pos += n
+        out.append("".join(parts))
+    gaps = [g for parts in docs for g in parts[::2]]
+    counts = {
+        "records": len(texts), "word_tokens": len(words), "other_tokens": len(" ".join(gaps).split()),
+        "perturbed": int(known.sum()), "unchanged": int((out_ids[known] == ids[known]).sum()),
+        "oov": int((~known).sum()), "doc_hist": np.bincount(np.array(per_doc, dtype=np.int64), minlength=1).tolist(),
+    }
+    return out, counts
+
+
+def _counts(c) -> dict:  # type: ignore[no-untyped-def]
+    names = ("records", "word_tokens", "other_tokens", "perturbed", "unchanged", "oov")
+    return {**{n: getattr(c, n) for n in names}, "doc_hist": c.doc_hist.tolist()}
+
+
+# Lower-case NFC vocabulary entries (plus one decomposed) that the adversarial pieces reach.
+UNICODE_VOCAB = [
+    "the", "a", "day", "man", "1990", "café", "nai\u0308ve", "straße", "οδος", "i\u0307stanbul",
+    "हिन्दी", "क्षत्रिय", "می\u200cخواهم", "日本語", "ǆungla", "x\u0345y", "one", "two", "three", "four",
+]
+PIECES = [
+    # words in several cases and normal forms
+    "the", "The", "THE", "tHe", "Day", "DAY", "a", "A", "1990", "café", "Cafe\u0301", "CAFÉ",
+    "naïve", "nai\u0308ve", "NAÏVE", "straße", "Straße", "STRASSE", "ΟΔΟΣ", "Οδος", "İstanbul",
+    "İSTANBUL", "हिन्दी", "क्षत्रिय", "क\u094d\u200dष", "می\u200cخواهم", "日本語", "ǅungla", "ǄUNGLA",
+    "X\u0345Y", "x\u0345y", "Ⓐbc", "½", "x²", "one", "Two", "THREE", "four",
+    # out of vocabulary, including words whose pieces would be in vocabulary
+    "qzxvbnm", "Qzx", "theday", "the\u0301", "a\u200db", "caf\u0301e",
+    # between words
+    " ", "  ", "\t", "\r\n", "\n", "\u00a0", "\u2028", "\x1c", "\x00", ",", ".", "!", "_", "__", "-",
+    "\u0301", "\u200d", "\u200c", "👍", "👍🏽", "👩\u200d👩\u200d👧", "1\ufe0f\u20e3", "❤\ufe0f", "—", "«", "»",
+    "'", "\u200b", "\ufeff",
+]
+
+
+@pytest.fixture(scope="module")
+def unicode_index(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from conftest import make_index
+
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(len(UNICODE_VOCAB), 4)) * 2.0
+    return make_index(tmp_path_factory.mktemp("unicode") / "idx", vectors, list(UNICODE_VOCAB), neighbors=8)
+
+
+def _random_texts(rng: np.random.Generator, n: int) -> list[str]:
+    texts = []
+    for _ in range(n):
+        k = int(rng.integers(0, 14))
+        texts.append("".join(PIECES[i] for i in rng.integers(0, len(PIECES), k)))
+    return texts
+
+
+@pytest.mark.parametrize("policy", ["mask", "drop", "keep"])
+@pytest.mark.parametrize("seed", range(6))
+def test_chunk_path_equals_word_by_word_reference(unicode_index, policy: str, seed: int) -> None:  # type: ignore[no-untyped-def]
+    # ε = 1 on a 20-word vocabulary: replacements differ from the input in word, length and case
+    perturber = TextPerturber(unicode_index, create("laplace", unicode_index, 1.0, {}), oov=policy)
+    texts = _random_texts(np.random.default_rng(seed), 300)
+    out, counters = perturber.perturb_texts(texts, np.random.default_rng(100 + seed))
+    expected, counts = reference_perturb(perturber, unicode_index, texts, np.random.default_rng(100 + seed))
+    assert out == expected
+    assert _counts(counters) == counts
+    assert counts["perturbed"] > 100 and counts["oov"] > 50  # the inputs exercise both paths
+
+
+def test_chunk_path_identity_keeps_every_byte(unicode_index) -> None:  # type: ignore[no-untyped-def]
+    # At ε = 1e6 every word maps to itself; with OOV kept the output must be the input exactly
+    # wherever case restoration is exact (lower and Title words of the vocabulary, all gaps).
+    perturber = TextPerturber(unicode_index, create("laplace", unicode_index, 1e6, {}), oov="keep")
+    texts = _random_texts(np.random.default_rng(11), 300)
+    out, _ = perturber.perturb_texts(texts, np.random.default_rng(0))
+    table = _nfc_table(unicode_index)
+
+    def round_trips(word: str) -> bool:  # OOV (kept), or the vocabulary spells it this way
+        key = unicodedata.normalize("NFC", word.lower())
+        return key not in table or restore_case(word, unicode_index.words[table[key]]) == word
+
+    exact = [i for i, t in enumerate(texts) if all(map(round_trips, tokenize(t)[1::2]))]
+    assert len(exact) > 50
+    assert [out[i] for i in exact] == [texts[i] for i in exact]
+    for text, result in zip(texts, out):
+        assert tokenize(result)[::2] == tokenize(text)[::2]  # the bytes outside words, unchanged
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tokenize_equals_reference_and_regex(seed: int) -> None:
+    import re
+
+    from privtext.embeddings import is_word_like, word_pattern
+
+    split = re.compile(f"({word_pattern()})").split
+    for text in _random_texts(np.random.default_rng(seed), 400):
+        parts = tokenize(text)
+        assert parts == reference_tokenize(text) == split(text)
+        assert "".join(parts) == text
+        assert all(is_word_like(w) for w in parts[1::2])
+        assert not any(is_word_like(g) for g in parts[::2] if g)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("Cafe\u0301 ok", ["Cafe\u0301", "ok"]),  # decomposed é stays inside its word
+        ("हिन्दी में", ["हिन्दी", "में"]),  # vowel signs (Mc), virama and anusvara (Mn)
+        ("می\u200cخواهم", ["می\u200cخواهم"]),  # ZWNJ inside a Persian word
+        ("\u0301a \u0301", ["a"]),  # a mark after a non-word character is not a word
+        ("a_b", ["a", "b"]),
+        ("1\ufe0f\u20e3 x", ["1\ufe0f\u20e3", "x"]),
+        ("👩\u200d👩\u200d👧!", []),
+        ("x\r\ny", ["x", "y"]),
+    ],
+)
+def test_words_are_whole_in_any_script(text: str, words: list[str]) -> None:
+    assert tokenize(text)[1::2] == words
+
+
+def test_decomposed_and_foreign_oov_words_are_masked_whole(unicode_index) -> None:  # type: ignore[no-untyped-def]
+    perturber = TextPerturber(unicode_index, create("laplace", unicode_index, 1e6, {}), oov="mask")
+    texts = ["the caf\u0301e, हिन्दीं and 日本 \u0301!", "Naı\u0308ve"]
+    out, counters = perturber.perturb_texts(texts, np.random.default_rng(0))
+    assert out == ["the [OOV], [OOV] [OOV] [OOV] \u0301!", "[OOV]"]
+    assert counters.oov == 5 and counters.perturbed == 1
+
+
+def test_lookup_is_nfc_and_case_insensitive(unicode_index) -> None:  # type: ignore[no-untyped-def]
+    perturber = TextPerturber(unicode_index, create("laplace", unicode_index, 1e6, {}), oov="mask")
+    texts = ["Cafe\u0301 café CAFÉ naïve nai\u0308ve Straße İstanbul ΟΔΟΣ"]
+    out, counters = perturber.perturb_texts(texts, np.random.default_rng(0))
+    assert counters.oov == 0 and counters.perturbed == 8
+    # replacements are the vocabulary's spelling in the original's case pattern
+    assert out == ["Café café CAFÉ nai\u0308ve nai\u0308ve Straße I\u0307stanbul ΟΔΟΣ"]
+
+
+def test_case_patterns_on_real_vocabulary(glove_small) -> None:  # type: ignore[no-untyped-def]
+    perturber = _perturber(glove_small, "mask")
+    texts = ["The MAN said: THE day, tHe Day. I a A"]
+    out, _ = perturber.perturb_texts(texts, np.random.default_rng(0))
+    # lower, Title and UPPER are kept; a mixed pattern (tHe) becomes lower case; one capital
+    # letter (I, A) reads as Title
+    assert out == ["The MAN said: THE day, the Day. I a A"]
+
+
+def test_empty_inputs(glove_small) -> None:  # type: ignore[no-untyped-def]
+    perturber = _perturber(glove_small, "mask")
+    out, counters = perturber.perturb_texts([], np.random.default_rng(0))
+    assert out == [] and counters.records == 0 and counters.doc_hist.tolist() == [0]
+    out, counters = perturber.perturb_texts(["", " ,\n", ""], np.random.default_rng(0))
+    assert out == ["", " ,\n", ""] and counters.other_tokens == 1 and counters.doc_hist.tolist() == [3]
+
+
+def test_lone_surrogates_from_library_callers_pass_between_words(glove_small) -> None:  # type: ignore[no-untyped-def]
+    # The codecs reject them; a library caller's string still round-trips outside words.
+    out, counters = _perturber(glove_small, "mask").perturb_texts(["the\ud800man"], np.random.default_rng(0))
+    assert out == ["the\ud800man"] and counters.word_tokens == 2
+
+
+@pytest.mark.parametrize("block", [1, 3, 64, 1 << 20])
+def test_gather_runs_in_blocks(block: int) -> None:
+    from privtext.text import _gather_runs
+
+    rng = np.random.default_rng(block)
+    base = rng.integers(0, 1000, 500).astype(np.uint32)
+    starts = rng.integers(0, 450, 200)
+    lengths = rng.integers(0, 50, 200)  # zero-length runs (dropped words) included
+    expected = np.concatenate([base[s : s + n] for s, n in zip(starts, lengths)])
+    assert np.array_equal(_gather_runs(base, starts, lengths, block=block), expected)

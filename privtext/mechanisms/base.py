@@ -33,9 +33,46 @@ class Guarantee:
     conditions: tuple[str, ...] = ()
     caveats: tuple[str, ...] = ()
     approximate: bool = False  # True when the sampler only approximates the stated distribution
+    # The uniform floor (mechanisms.md §9) of gumbel and custext: the realised probability α
+    # (None when the mechanism has no floor parameter) and the q̄ ≥ max Q(y|x) its bound uses.
+    floor: float | None = None
+    floor_qbar: float | None = None
+    # gumbel: whether the published metric statement at rate ε holds for every pair (None when
+    # the mechanism has no published statement to cover).
+    published_statement_covered: bool | None = None
+    # Plain warnings a user must see (each one line): the report flags them and the CLI prints them.
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ExponentialForm:
+    """A closed form of P[y|x] over the whole vocabulary (santext, tem, density exact):
+
+        Q(y|x) ∝ exp(log_prior(y) − scale·min(d(x, y), clamp))   for y in [lo, n),
+
+    a word x < lo is kept with probability `keep` and otherwise replaced by a draw from Q (SanText+),
+    and P = (1 − floor)·that + floor/n. `log_prior` covers [lo, n) (None = flat)."""
+
+    scale: float
+    clamp: float | None = None
+    log_prior: np.ndarray | None = None
+    lo: int = 0
+    keep: float = 0.0
+    floor: float = 0.0
+
+
+@dataclass(frozen=True)
+class GroupForm:
+    """A closed form where each word's output lies in a small public set (custext): row x of
+    `members` ((n, K) ids, −1 padding) carries probabilities `probabilities` (0 on padding);
+    P = (1 − floor)·that + floor/n."""
+
+    members: np.ndarray
+    probabilities: np.ndarray
+    floor: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -73,14 +110,19 @@ def param(
     min_open: bool = False,
     max_open: bool = False,
     choices: tuple[Any, ...] | None = None,
+    range_text: str | None = None,
 ) -> Any:
     meta = {"help": help, "min": min, "max": max, "min_open": min_open, "max_open": max_open}
     if choices is not None:
         meta["choices"] = choices
+    if range_text is not None:  # a value the class checks itself (e.g. "auto | [0, 1]")
+        meta["range_text"] = range_text
     return field(default=default, metadata=meta)
 
 
 def describe_range(f: dataclasses.Field[Any]) -> str:
+    if "range_text" in f.metadata:
+        return str(f.metadata["range_text"])
     if "choices" in f.metadata:
         return " | ".join(map(str, f.metadata["choices"]))
     lo, hi = f.metadata.get("min"), f.metadata.get("max")
@@ -169,12 +211,60 @@ class Mechanism(ABC):
         """Values derived from ε and the index (e.g. a noise scale) for the report."""
         return {}
 
+    def privacy_loss(self, x_ids: np.ndarray, x2_ids: np.ndarray) -> np.ndarray:
+        """The executable privacy map: for each pair (x_ids[i], x2_ids[i]), the stated bound in
+        nats on |ln P[y|x] − ln P[y|x']| over every output y; inf where none is stated, 0 for
+        x = x'. Tools (report, audit, risk, exact tests) read this, never the statement text.
+
+        This default reads the Guarantee (metric in the index's own metric: rate·d; pure: rate),
+        so a plugin that only declares its map is audited and reported; every built-in mechanism
+        overrides it beside its sampler."""
+        g = self.guarantee
+        x, x2 = pair_ids(x_ids, x2_ids)
+        if g.kind == "metric" and g.metric == self.index.geometry.metric:
+            out = g.rate * pair_distances(self.index, x, x2)
+        elif g.kind == "pure":
+            out = np.full(len(x), g.rate, dtype=np.float64)
+        else:
+            out = np.full(len(x), np.inf)
+        out[x == x2] = 0.0
+        return out
+
+    def privacy_loss_on_outputs(self, x_ids: np.ndarray, x2_ids: np.ndarray
+                                ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(bounds, outputs): like `privacy_loss`, but a relaxed guarantee may state a finite
+        bound that holds only for outputs y in a public set (boolean mask over the vocabulary;
+        None = every output). SanText+ overrides it; `privacy_loss` is always the every-output
+        bound."""
+        return self.privacy_loss(x_ids, x2_ids), None
+
+    def closed_form(self) -> Any:
+        """An exact description of P[y|x] that `privtext.risk` can evaluate blockwise (see
+        `privtext.risk.ExponentialForm` and `GroupForm`), or None when the output distribution
+        has no closed form (nearest word to a continuous noisy point; truncated Gumbel)."""
+        return None
+
     def prepare(self) -> None:
         """Build per-index artifacts (cached); called once in the parent before workers start."""
 
     @abstractmethod
     def perturb_ids(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Map a 1-D array of vocabulary ids to perturbed ids (same shape, int64)."""
+
+
+def pair_ids(x_ids: np.ndarray, x2_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = np.atleast_1d(np.asarray(x_ids, dtype=np.int64))
+    x2 = np.atleast_1d(np.asarray(x2_ids, dtype=np.int64))
+    if x.shape != x2.shape or x.ndim != 1:
+        raise ValueError("privacy_loss takes two 1-D id arrays of the same length")
+    return x, x2
+
+
+def pair_distances(index: EmbeddingIndex, x: np.ndarray, x2: np.ndarray) -> np.ndarray:
+    """Euclidean d(x_i, x2_i) in float64 (the raw vectors, as every calibration uses)."""
+    a = np.asarray(index.vectors[np.asarray(x, dtype=np.int64)], dtype=np.float64)
+    b = np.asarray(index.vectors[np.asarray(x2, dtype=np.int64)], dtype=np.float64)
+    return np.sqrt(np.einsum("ij,ij->i", a - b, a - b))
 
 
 def validate_epsilon(epsilon: float) -> None:

@@ -20,10 +20,16 @@ float64 search over the unassigned words otherwise. It and the float64 distances
 the members of its group are cached with the index (`derived_artifact`) and memory-mapped, so the
 sampler is a gather of one precomputed K-entry cumulative weight row per token and an
 inverse-CDF search with one open uniform.
+
+The uniform floor of mechanisms.md §9 (`--param floor`, default 0 = the published mechanism)
+gives pairs across groups a bound too: with probability α the output is a uniform word of the
+whole vocabulary, so every pair gets ε₀ = ln(1 + (1 − α)·n·q̄/α) with the proven
+q̄ = 1/(1 + (s − 1)e^(−ε/2)) (s the smallest group).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +37,22 @@ import numpy as np
 
 from privtext.errors import ParameterError
 from privtext.index import EmbeddingIndex, Geometry
-from privtext.mechanisms.base import Guarantee, Mechanism, MechanismParams, param
+from privtext.mechanisms.base import (
+    GroupForm,
+    Guarantee,
+    Mechanism,
+    MechanismParams,
+    pair_ids,
+    param,
+)
+from privtext.mechanisms.floor import (
+    UniformFloor,
+    auto_floor,
+    coin_threshold,
+    parse_floor,
+    pure_bound,
+    realised,
+)
 from privtext.mechanisms.registry import register
 from privtext.mechanisms.sampling import open_uniform
 
@@ -42,9 +63,15 @@ PARTITION_VERSION = 1
 class CusTextParams(MechanismParams):
     K: int = param(20, "group size: each word is replaced by one of the K words of its group",
                    min=2)
+    floor: str | float = param(
+        0.0, "uniform floor α (mechanisms.md §9): with probability α a token becomes a uniformly "
+             "random word of the whole vocabulary, which bounds pairs across groups too; 0 = the "
+             "published mechanism (groups distinguishable); auto = the smallest α that gives "
+             "every pair the within-group rate ε", range_text="0 | auto | [2^-40, 1]")
 
     def validate(self, geometry: Geometry) -> None:
         super().validate(geometry)
+        parse_floor(self.floor)
         if self.K > geometry.n:
             raise ParameterError(
                 f"--param K={self.K} is larger than the vocabulary; valid: [2, {geometry.n}]"
@@ -129,6 +156,26 @@ def group_sizes_for(n: int, k: int) -> tuple[int, int]:
     return -(-n // k), (n % k) or k
 
 
+def max_output_probability(epsilon: float, smallest_group: int) -> float:
+    """q̄ ≥ max_{x,y} Q(y|x) for the in-group exponential mechanism.
+
+    Proof: in a group of s words, Q(y|x) = e^{εu(x,y)/2} / Σ_z e^{εu(x,z)/2} with u ∈ [−1, 0];
+    the numerator is at most 1 and each of the other s − 1 terms at least e^{−ε/2}, so
+    Q(y|x) ≤ 1/(1 + (s − 1)e^{−ε/2}), largest for the smallest group. Rounded up one ulp."""
+    value = 1.0 / (1.0 + (smallest_group - 1) * math.exp(-epsilon / 2.0))
+    return min(1.0, math.nextafter(value, math.inf))
+
+
+def floor_for(epsilon: float, params: CusTextParams, n: int) -> tuple[float, float]:
+    """(realised α, q̄): auto = the smallest α whose ε₀ is at most the within-group ε."""
+    _, last = group_sizes_for(n, params.K)
+    qbar = max_output_probability(epsilon, min(params.K, last))
+    requested = parse_floor(params.floor)
+    if requested is None:
+        return auto_floor(epsilon, n, qbar), qbar
+    return realised(requested), qbar
+
+
 @register
 class CusTextMechanism(Mechanism):
     name = "custext"
@@ -136,11 +183,13 @@ class CusTextMechanism(Mechanism):
                "with normalised distance utility inside the group")
     reference = "Chen, Li, Wu, Lin, Wang, Xu. Findings of ACL 2023"
     guarantee_summary = ("pure ε-DP between words of the same group; words of different groups "
-                         "are distinguishable")
+                         "are distinguishable unless --param floor > 0, which bounds every pair")
     Params = CusTextParams
 
     def __init__(self, index, epsilon, params=None):  # type: ignore[no-untyped-def]
         super().__init__(index, epsilon, params)
+        assert self.guarantee.floor is not None
+        self.floor = UniformFloor(self.guarantee.floor, index.n)
         self._groups: np.ndarray | None = None
         self._member_dist: np.ndarray | None = None
         self._group_of: np.ndarray | None = None
@@ -156,30 +205,66 @@ class CusTextMechanism(Mechanism):
     def privacy_map(cls, epsilon: float, params: MechanismParams, geometry: Geometry) -> Guarantee:
         assert isinstance(params, CusTextParams)
         count, last = group_sizes_for(geometry.n, params.K)
+        alpha, qbar = floor_for(epsilon, params, geometry.n)
         caveats = [
-            "the output is always a word of the input's group, so it reveals which group the "
-            "input belongs to",
             "the partition comes from the public embedding only (frequency order and distances)",
         ]
         if last == 1:
-            caveats.append("the last group holds a single word, which is always output unchanged")
+            caveats.append("the last group holds a single word, which Q always outputs unchanged")
+        conditions = [
+            f"{count} groups of K = {params.K} words (the last holds {last}), formed in "
+            "frequency order from each word's nearest unassigned words",
+            "P[y|x] ∝ exp(ε·u(x, y)/2) over x's group with u = −(d − d_min)/(d_max − d_min) "
+            "∈ [−1, 0]",
+        ]
+        if alpha == 0.0:
+            return Guarantee(
+                kind="pure", rate=epsilon, metric=None, per_token_pure_bound=None,
+                statement=("pure ε-DP between words of the same group; words of different groups "
+                           f"are distinguishable (ε = {epsilon:g}, groups of K = {params.K})"),
+                conditions=(*conditions,
+                            f"within a group the per-token pure bound is ε = {epsilon:g}; across "
+                            "groups there is none (floor = 0)"),
+                caveats=("the output is always a word of the input's group, so it reveals which "
+                         "group the input belongs to", *caveats),
+                floor=0.0, floor_qbar=None,
+                warnings=("custext floor=0: words of different groups are distinguishable (no "
+                          "bound across groups); --param floor=auto or a number gives every pair "
+                          "a bound",),
+            )
+        eps0 = pure_bound(alpha, geometry.n, qbar)
+        within = min(epsilon, eps0)
         return Guarantee(
-            kind="pure",
-            rate=epsilon,
-            metric=None,
-            per_token_pure_bound=None,
-            statement=("pure ε-DP between words of the same group; words of different groups "
-                       f"are distinguishable (ε = {epsilon:g}, groups of K = {params.K})"),
+            kind="pure", rate=epsilon, metric=None, per_token_pure_bound=eps0,
+            statement=(f"pure ε-DP between words of the same group (ε = {epsilon:g}, groups of "
+                       f"K = {params.K}) and pure ε₀-DP between any two words, ε₀ = {eps0:.6g}, "
+                       f"by the uniform floor α = {alpha:.3g}"),
             conditions=(
-                f"{count} groups of K = {params.K} words (the last holds {last}), formed in "
-                "frequency order from each word's nearest unassigned words",
-                "P[y|x] ∝ exp(ε·u(x, y)/2) over x's group with u = −(d − d_min)/(d_max − d_min) "
-                "∈ [−1, 0]",
-                f"within a group the per-token pure bound is ε = {epsilon:g}; across groups there "
-                "is none",
+                *conditions,
+                f"uniform floor α = {alpha:.6g} (realised exactly: an integer coin on [0, 2^53) "
+                f"below {coin_threshold(alpha)}); q̄ = {qbar:.6g} = 1/(1 + (s − 1)e^(−ε/2)) for "
+                f"the smallest group s = {min(params.K, last)} (no output of Q is likelier)",
+                f"every pair: P[y|x]/P[y|x'] ≤ 1+(1 − α)·n·q̄/α, so ε₀ = {eps0:.6g} nats per "
+                f"token (randomized-response mixing argument); within a group min(ε, ε₀) = "
+                f"{within:.6g}",
             ),
-            caveats=tuple(caveats),
+            caveats=tuple(caveats), floor=alpha, floor_qbar=qbar,
         )
+
+    def privacy_loss(self, x_ids: np.ndarray, x2_ids: np.ndarray) -> np.ndarray:
+        """Same group: ε (min(ε, ε₀) with a floor: the mixture never raises Q's ratio).
+        Different groups: inf without a floor (disjoint supports), ε₀ with one."""
+        x, x2 = pair_ids(x_ids, x2_ids)
+        eps0 = self.guarantee.per_token_pure_bound
+        across = math.inf if eps0 is None else eps0
+        same = self.group_of(x) == self.group_of(x2)
+        out = np.where(same, min(self.epsilon, across), across).astype(np.float64)
+        out[x == x2] = 0.0
+        return out
+
+    def closed_form(self) -> GroupForm:
+        members, probs = self.group_distribution(np.arange(self.index.n))
+        return GroupForm(members=members, probabilities=probs, floor=self.floor.alpha)
 
     def _artifacts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._groups is None or self._member_dist is None or self._group_of is None:
@@ -243,14 +328,29 @@ class CusTextMechanism(Mechanism):
             self._members, self._cdf = members, cdf
         return self._members, self._cdf, self._sizes
 
+    def group_distribution(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Q without the floor, per word: its group's members ((len, K) ids, −1 padding) and
+        their exact probabilities (0 on padding), in float64."""
+        ids = np.asarray(ids, dtype=np.int64)
+        members = np.empty((len(ids), self.k), dtype=np.int64)
+        probs = np.empty((len(ids), self.k), dtype=np.float64)
+        for start in range(0, len(ids), 16384):
+            part = slice(start, start + 16384)
+            scores, mem = self._scores(ids[part])
+            weights = np.exp(scores - scores.max(axis=1, keepdims=True))  # padding: exp(−inf) = 0
+            probs[part] = weights / weights.sum(axis=1, keepdims=True)
+            members[part] = mem
+        return members, probs
+
     def probabilities(self, word: int) -> np.ndarray:
-        """Exact output distribution of `word` over the vocabulary (for audits and tests)."""
+        """Exact output distribution of `word` over the vocabulary, floor included (for audits
+        and tests)."""
         scores, members = self._scores(np.array([word], dtype=np.int64))
         weights = np.exp(scores[0] - scores[0].max())
         out = np.zeros(self.index.n)
         real = members[0] >= 0
         out[members[0][real]] = weights[real] / weights[real].sum()
-        return out
+        return self.floor.mix(out) if self.floor.alpha > 0 else out
 
     def perturb_ids(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Inverse CDF over the group: the first member whose cumulative weight exceeds U·total,
@@ -264,4 +364,4 @@ class CusTextMechanism(Mechanism):
         pos = (rows <= target[:, None]).sum(axis=1)
         # U·total can round up to total itself (probability ~1e-16): stay on a real member.
         pos = np.minimum(pos, sizes[ids] - 1)
-        return members[ids, pos].astype(np.int64)
+        return self.floor.apply(ids, members[ids, pos].astype(np.int64), rng)

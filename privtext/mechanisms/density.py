@@ -34,7 +34,15 @@ import numpy as np
 
 from privtext.errors import ParameterError
 from privtext.index import EmbeddingIndex, Geometry
-from privtext.mechanisms.base import Guarantee, Mechanism, MechanismParams, param
+from privtext.mechanisms.base import (
+    ExponentialForm,
+    Guarantee,
+    Mechanism,
+    MechanismParams,
+    pair_distances,
+    pair_ids,
+    param,
+)
 from privtext.mechanisms.fullvocab import (
     FullVocabularySampler,
     augmented_vectors,
@@ -184,6 +192,16 @@ class DensityMechanism(Mechanism):
             caveats=("approximate: how close a finite chain is to stationarity is not measured",),
             approximate=True,
         )
+
+    def privacy_loss(self, x_ids: np.ndarray, x2_ids: np.ndarray) -> np.ndarray:
+        """rate·d(x, x'): ε·d for the exact sampler; for mh the stated (approximate) 2ε·d."""
+        x, x2 = pair_ids(x_ids, x2_ids)
+        return self.guarantee.rate * pair_distances(self.index, x, x2)
+
+    def closed_form(self) -> ExponentialForm | None:
+        if self.dparams.sampler != "exact":
+            return None  # a finite Metropolis–Hastings chain has no closed form
+        return ExponentialForm(scale=self.epsilon / 2.0, log_prior=np.asarray(self.log_prior))
 
     @property
     def log_prior(self) -> np.ndarray:

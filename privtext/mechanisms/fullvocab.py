@@ -5,8 +5,13 @@ For an input word x the candidates are the ids y in [lo, hi) and
 
     P[y | x] ∝ exp(log_prior(y) − scale · min(d(x, y), clamp))
 
-(log_prior ≡ 0 and clamp = ∞ unless given). Gumbel-max over ~92k scores per token is far too
-slow, so the same distribution is drawn by inverse CDF instead:
+(log_prior ≡ 0 and clamp = ∞ unless given). Two exact samplers draw it:
+
+* `method="envelope"` (default, `envelope.py`): the neighbour table's exact weights plus
+  rejection from an envelope over the words beyond the table; a few float64 distances per
+  token, no scan of the vocabulary. Tokens that exhaust `max_tries` proposals (rare by design:
+  the cap is hundreds of times the mean) fall back to the scan below, with fresh randomness.
+* `method="scan"`: a float64 distance row per distinct word, then an inverse-CDF draw:
 
 1. Tokens are grouped by word id: each distinct word's weight row w_x(y) is built once per chunk
    (rows of the most frequent words, the lowest ids, are also kept in a bounded per-process
@@ -25,8 +30,9 @@ slow, so the same distribution is drawn by inverse CDF instead:
    block that holds the target — which is the same inverse CDF with a different summation order,
    and avoids a sequential cumulative sum over every row.
 
-Nothing here loops over tokens in Python and nothing is n × n: memory is one (64, n) float64
-work buffer plus the cache (at most `cache_bytes`).
+The scan is also what `probabilities()` returns (the exact distribution, for tests and audits).
+Nothing here loops over tokens in Python and nothing is n × n: the scan's memory is one (64, n)
+float64 work buffer plus the cache (at most `cache_bytes`, allocated only when used).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import math
 import numpy as np
 
 from privtext.index import EmbeddingIndex
+from privtext.mechanisms.envelope import DEFAULT_MAX_TRIES, EnvelopeSampler
 from privtext.mechanisms.sampling import open_uniform
 
 BLOCK = 256
@@ -43,6 +50,9 @@ _WORD_BATCH = 64
 _TOKEN_SLICE = 8192
 DEFAULT_CACHE_BYTES = 256 << 20
 _PRIOR_RANGE_LIMIT = 600.0  # exp(−600) is still a normal float64
+# A distance row costs about as much as this many tokens' envelope proposals (measured on
+# GloVe-50d at 100k words); more frequent words in a chunk are drawn from a row.
+SCAN_FROM_COUNT = 200
 AUGMENTED_ARTIFACT = "augmented-centred-vectors"
 
 
@@ -110,7 +120,8 @@ class FullVocabularySampler:
 
     def __init__(self, index: EmbeddingIndex, scale: float, *, lo: int = 0, hi: int | None = None,
                  log_prior: np.ndarray | None = None, clamp: float | None = None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, method: str = "envelope",
+                 max_tries: int = DEFAULT_MAX_TRIES, scan_from_count: int = SCAN_FROM_COUNT):
         self.index = index
         self.scale = float(scale)
         self.lo = int(lo)
@@ -140,9 +151,18 @@ class FullVocabularySampler:
         self._cache_weights: np.ndarray | None = None
         self._cache_cdf: np.ndarray | None = None
         self._cached: np.ndarray | None = None
+        if method not in ("envelope", "scan"):
+            raise ValueError(f"unknown sampling method {method!r}")
+        self.method = method
+        self.scan_from_count = scan_from_count
+        self.envelope = EnvelopeSampler(index, self.scale, lo=self.lo, hi=self.hi, log_prior=log_prior,
+                                        clamp=clamp, max_tries=max_tries)
+        self.fallbacks = 0  # tokens that exhausted max_tries in this process (diagnostic count)
 
     def prepare(self) -> None:
         augmented_vectors(self.index)
+        if self.method == "envelope":
+            self.envelope.prepare()
 
     @property
     def aug(self) -> np.ndarray:
@@ -226,8 +246,34 @@ class FullVocabularySampler:
         return self._buffer, self._buffer_cdf
 
     def sample(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """One draw per token; returns vocabulary ids in [lo, hi). Consumes exactly one open
-        uniform per token, in token order, whatever the cache holds."""
+        """One draw per token; returns vocabulary ids in [lo, hi). The Generator is consumed in
+        an order fixed by `ids` alone (never by the cache, the process or earlier chunks)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.method == "scan":
+            return self.scan(ids, rng)
+        # Words whose rows the cache holds, or that occur often enough in this chunk that one
+        # row costs less than their tokens' envelope proposals, are drawn by the scan; the rest
+        # by the envelope. The split depends on the chunk's ids only.
+        words, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+        heavy_word = (words < self.cache_words) | (counts >= self.scan_from_count)
+        heavy = heavy_word[inverse]
+        out = np.empty(len(ids), dtype=np.int64)
+        by_scan = np.flatnonzero(heavy)
+        if len(by_scan):
+            out[by_scan] = self.scan(ids[by_scan], rng)
+        light = np.flatnonzero(~heavy)
+        if len(light):
+            drawn, done = self.envelope.sample(ids[light], rng)
+            out[light] = drawn
+            rest = light[~done]
+            if len(rest):
+                self.fallbacks += len(rest)
+                out[rest] = self.scan(ids[rest], rng)
+        return out
+
+    def scan(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The exact scan: one draw per token; consumes exactly one open uniform per token, in
+        token order, whatever the cache holds."""
         ids = np.asarray(ids, dtype=np.int64)
         out = np.empty(len(ids), dtype=np.int64)
         if len(ids) == 0:

@@ -7,19 +7,41 @@ distances and output the argmin. The scale b comes from inverting the reconstruc
     ε(b) = 2(1 + ln n)/Δ_min + 3·exp(2Δ_max/b) / min(b, Δ_min),
 
 which decreases in b towards ε_∞ = (2(1 + ln n) + 3)/Δ_min; ε ≤ ε_∞ is infeasible.
+
+That published sampler alone does not give the statement for every pair (a word beyond rank K
+of x is never output for x; exact checks also find the formula exceeded near ε_∞). The uniform
+floor of mechanisms.md §9 (privtext.mechanisms.floor) repairs it: with `floor=auto` (default)
+every pair gets ε₀ ≤ ε·Δ_min ≤ ε·d(x, x'), so the published metric statement holds for every
+pair by proof. `floor=0` keeps the bare sampler for research comparisons.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from privtext.errors import InfeasibleEpsilonError, ParameterError
 from privtext.index import Geometry
-from privtext.mechanisms.base import Guarantee, Mechanism, MechanismParams
-from privtext.mechanisms.laplace import metric_guarantee
+from privtext.mechanisms.base import (
+    Guarantee,
+    Mechanism,
+    MechanismParams,
+    pair_distances,
+    pair_ids,
+    param,
+)
+from privtext.mechanisms.floor import (
+    AUTO,
+    UniformFloor,
+    auto_floor,
+    coin_threshold,
+    parse_floor,
+    pure_bound,
+    realised,
+)
 from privtext.mechanisms.registry import register
 from privtext.mechanisms.sampling import open_uniform
 
@@ -99,16 +121,41 @@ def truncated_gumbel(rng: np.random.Generator, shape: tuple[int, ...], scale: fl
     return np.clip(x, -bound, bound, out=x)
 
 
+@dataclass(frozen=True)
+class GumbelParams(MechanismParams):
+    floor: str | float = param(
+        AUTO, "uniform floor α (mechanisms.md §9): with probability α a token becomes a uniformly "
+              "random word, which bounds every pair; auto = the smallest α that makes the "
+              "published metric statement hold for every pair; 0 = the bare published sampler "
+              "(far pairs unprotected)", range_text="auto | 0 | [2^-40, 1]")
+
+    def validate(self, geometry: Geometry) -> None:
+        super().validate(geometry)
+        parse_floor(self.floor)
+
+
+def floor_for(epsilon: float, params: MechanismParams, geometry: Geometry) -> float:
+    """The realised floor α: auto = the smallest α with ε₀ ≤ ε·Δ_min (q̄ = 1), at least 2⁻⁴⁰."""
+    requested = parse_floor(getattr(params, "floor", AUTO))
+    if requested is None:
+        return auto_floor(epsilon * geometry.delta_min, geometry.n, QBAR)
+    return realised(requested)
+
+
+# q̄ = 1: no bound on max Q(y|x) below 1 is proven for truncated Gumbel (Q(x|x) can be ≈ 1).
+QBAR = 1.0
+
+
 @register
 class TruncatedGumbelMechanism(Mechanism):
     name = "gumbel"
     summary = ("Gumbel noise on the distances to a Poisson-random number of nearest neighbours, "
-               "argmin (density-aware)")
+               "argmin (density-aware), with a uniform floor")
     reference = "Xu, Feyisetan, Aggarwal, Xu, Teissier. FLAIRS 2021"
-    guarantee_summary = ("metric DP at rate ε (Euclidean) as published, reconstructed formula; "
-                         "ε must exceed (2(1 + ln n) + 3)/Δ_min; does not hold beyond the "
-                         "neighbour-table width")
-    Params = MechanismParams
+    guarantee_summary = ("metric DP at rate ε (Euclidean) for every pair, proven through the "
+                         "uniform floor (default floor=auto); ε must exceed (2(1 + ln n) + 3)/Δ_min; "
+                         "floor=0 is the bare published sampler, whose far pairs are unprotected")
+    Params = GumbelParams
 
     def __init__(self, index, epsilon, params=None):  # type: ignore[no-untyped-def]
         super().__init__(index, epsilon, params)  # validates ε, raises when infeasible
@@ -116,6 +163,7 @@ class TruncatedGumbelMechanism(Mechanism):
         self.scale = scale_for_epsilon(self.epsilon, geo.n, geo.delta_min, geo.delta_max)
         self.lam = poisson_rate(geo.n)
         self.count_cdf, self.truncation_mass = candidate_count_cdf(self.lam, index.neighbors)
+        self.floor = UniformFloor(floor_for(self.epsilon, self.params, geo), geo.n)
 
     @classmethod
     def privacy_map(cls, epsilon: float, params: MechanismParams, geometry: Geometry) -> Guarantee:
@@ -123,30 +171,87 @@ class TruncatedGumbelMechanism(Mechanism):
             raise ParameterError("gumbel needs a vocabulary of at least 3 words; raise --vocab-size")
         b = scale_for_epsilon(epsilon, geometry.n, geometry.delta_min, geometry.delta_max)
         _, tail = candidate_count_cdf(poisson_rate(geometry.n), geometry.neighbors)
-        return metric_guarantee(
-            epsilon,
-            geometry,
-            geometry.metric,
-            f"metric DP at rate ε = {epsilon:g} per unit of Euclidean distance as published "
-            "(reconstructed formula; see caveats — not verified for far-apart pairs)",
-            conditions=(
-                f"b = {b:.6g} from ε = 2(1 + ln n)/Δ_min + 3·exp(2Δ_max/b)/min(b, Δ_min)",
-                f"n = {geometry.n}, Δ_min = {geometry.delta_min:.6g} (global, exact), "
-                f"Δ_max = {geometry.delta_max:.6g} ({geometry.delta_max_kind})",
-                f"candidate count k ~ Poisson(λ = ln(n − 1) = {math.log(geometry.n - 1):.4g}) given k ≥ 1",
-            ),
-            caveats=(
-                "the guarantee formula is reconstructed from a re-implementation; the paper's full "
-                "text was not available",
-                f"neighbour table width K = {geometry.neighbors}: P(k > K) = {tail:.3g} is capped at K",
-                "a word beyond rank K of x can never be output for x but can for itself, so for "
-                "far-apart pairs the likelihood ratio is unbounded: the metric bound cannot hold there",
-                "exact checks also find the formula exceeded inside a full table near ε_∞ (the tail of "
-                "the candidate count is not accounted for); see docs/audit.md",
-                "Gumbel noise added to distances with argmin is the published mechanism, not the "
-                "Gumbel-max form of the exponential mechanism",
-            ),
+        alpha = floor_for(epsilon, params, geometry)
+        n = geometry.n
+        conditions = (
+            f"b = {b:.6g} from ε = 2(1 + ln n)/Δ_min + 3·exp(2Δ_max/b)/min(b, Δ_min)",
+            f"n = {n}, Δ_min = {geometry.delta_min:.6g} (global, exact), "
+            f"Δ_max = {geometry.delta_max:.6g} ({geometry.delta_max_kind})",
+            f"candidate count k ~ Poisson(λ = ln(n − 1) = {math.log(n - 1):.4g}) given k ≥ 1",
         )
+        caveats = (
+            "the published guarantee formula is reconstructed from a re-implementation; the "
+            "paper's full text was not available",
+            f"neighbour table width K = {geometry.neighbors}: P(k > K) = {tail:.3g} is capped at K",
+            "Gumbel noise added to distances with argmin is the published mechanism, not the "
+            "Gumbel-max form of the exponential mechanism",
+        )
+        if alpha == 0.0:
+            return Guarantee(
+                kind="metric", rate=epsilon, metric=geometry.metric, per_token_pure_bound=None,
+                statement=(
+                    f"floor=0 (the bare published sampler): metric DP at rate ε = {epsilon:g} per "
+                    "unit of Euclidean distance is claimed as published but not proven, and pairs "
+                    "whose neighbour rows differ (far pairs) are unprotected: a word beyond rank K "
+                    "of x is never output for x, so the likelihood ratio is unbounded"),
+                conditions=conditions,
+                caveats=(*caveats,
+                         "exact checks find the published formula exceeded even inside a full "
+                         "table near ε_∞ (the tail of the candidate count is not accounted for); "
+                         "see docs/audit.md"),
+                floor=0.0, floor_qbar=None, published_statement_covered=False,
+                warnings=("gumbel floor=0: the bare published sampler; pairs whose neighbour "
+                          "rows differ are unprotected (unbounded likelihood ratio); use the "
+                          "default floor=auto except for research comparisons",),
+            )
+        eps0 = pure_bound(alpha, n, QBAR)
+        covered = eps0 <= epsilon * geometry.delta_min
+        floor_text = (f"uniform floor α = {alpha:.6g} (realised exactly: an integer coin on "
+                      f"[0, 2^53) below {coin_threshold(alpha)}), q̄ = 1")
+        floor_conditions = (
+            floor_text,
+            f"every pair: P[y|x]/P[y|x'] ≤ 1+(1 − α)·n·q̄/α, so ε₀ = ln(1 + (1 − α)·n/α) = "
+            f"{eps0:.6g} nats per token (randomized-response mixing argument, no new assumption)",
+        )
+        if covered:
+            return Guarantee(
+                kind="metric", rate=epsilon, metric=geometry.metric, per_token_pure_bound=eps0,
+                statement=(
+                    f"metric DP at rate ε = {epsilon:g} per unit of Euclidean distance for every "
+                    f"pair of words: the uniform floor α = {alpha:.3g} gives every pair the pure "
+                    f"per-token bound ε₀ = {eps0:.6g} ≤ ε·Δ_min = {epsilon * geometry.delta_min:.6g} "
+                    "≤ ε·d(x, x')"),
+                conditions=(*conditions, *floor_conditions),
+                caveats=caveats, floor=alpha, floor_qbar=QBAR, published_statement_covered=True,
+            )
+        return Guarantee(
+            kind="pure", rate=eps0, metric=None, per_token_pure_bound=eps0,
+            statement=(
+                f"pure ε₀-DP per token with ε₀ = {eps0:.6g} (uniform floor α = {alpha:.3g}); the "
+                f"published metric statement at rate ε = {epsilon:g} is NOT covered: ε₀ exceeds "
+                f"ε·Δ_min = {epsilon * geometry.delta_min:.6g}, so near pairs only get ε₀ "
+                "(raise the floor, or use floor=auto)"),
+            conditions=(*conditions, *floor_conditions),
+            caveats=caveats, floor=alpha, floor_qbar=QBAR, published_statement_covered=False,
+        )
+
+    def privacy_loss(self, x_ids: np.ndarray, x2_ids: np.ndarray) -> np.ndarray:
+        """With a floor: ε₀ for every pair of distinct words. floor=0: ε·d where both neighbour
+        rows hold the same words (the published claim, unverified), inf where they differ: an
+        output in one row and not the other has probability 0 for one input only."""
+        x, x2 = pair_ids(x_ids, x2_ids)
+        g = self.guarantee
+        if g.floor:  # the stated floor; the sampler realises exactly this α
+            assert g.per_token_pure_bound is not None
+            out = np.full(len(x), g.per_token_pure_bound, dtype=np.float64)
+        else:
+            out = self.epsilon * pair_distances(self.index, x, x2)
+            if self.index.neighbors < self.index.n:
+                rows = np.sort(np.asarray(self.index.neighbor_ids[x]), axis=1)
+                rows2 = np.sort(np.asarray(self.index.neighbor_ids[x2]), axis=1)
+                out[(rows != rows2).any(axis=1)] = np.inf
+        out[x == x2] = 0.0
+        return out
 
     @classmethod
     def feasible_epsilon(cls, params: MechanismParams, geometry: Geometry) -> tuple[float, float]:
@@ -161,6 +266,9 @@ class TruncatedGumbelMechanism(Mechanism):
             "epsilon_infimum": min_epsilon(geo.n, geo.delta_min),
             "candidate_cap_K": self.index.neighbors,
             "candidate_cap_mass": self.truncation_mass,
+            "floor": self.floor.alpha,
+            "floor_coin_threshold": self.floor.threshold,
+            "floor_pure_bound": self.guarantee.per_token_pure_bound,
         }
 
     def sample_counts(self, rng: np.random.Generator, size: int) -> np.ndarray:
@@ -189,7 +297,7 @@ class TruncatedGumbelMechanism(Mechanism):
             scores[np.arange(cols)[None, :] >= counts[:, None]] = np.inf
             choice = np.argmin(scores, axis=1)
             out[members] = self.index.neighbor_ids[rows, choice]
-        return out
+        return self.floor.apply(ids, out, rng)
 
 
 def _bucket_widths(table_width: int) -> list[int]:

@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 
 from privtext.index import Geometry
-from privtext.mechanisms.base import Guarantee, Mechanism, MechanismParams
-from privtext.mechanisms.nearest import nearest_words
+from privtext.mechanisms.base import Guarantee, Mechanism, MechanismParams, pair_distances, pair_ids
+from privtext.mechanisms.nearest import NearestSearch, SearchParams, nearest_words, search_condition
 from privtext.mechanisms.registry import register
 from privtext.mechanisms.sampling import uniform_directions
 
@@ -34,12 +34,12 @@ def metric_guarantee(epsilon: float, geometry: Geometry, metric: str, statement:
 
 
 @register
-class LaplaceMechanism(Mechanism):
+class LaplaceMechanism(NearestSearch, Mechanism):
     name = "laplace"
     summary = "multivariate Laplace noise on the word vector, then the nearest vocabulary word"
     reference = "Feyisetan, Balle, Drake, Diethe. WSDM 2020"
     guarantee_summary = "metric DP at rate ε (Euclidean); per-token pure bound ε·Δ_max"
-    Params = MechanismParams
+    Params = SearchParams
 
     @classmethod
     def privacy_map(cls, epsilon: float, params: MechanismParams, geometry: Geometry) -> Guarantee:
@@ -51,19 +51,30 @@ class LaplaceMechanism(Mechanism):
             f"x, x' and output y, P[y|x] ≤ exp(ε·d(x, x'))·P[y|x']",
             conditions=(
                 "noise density ∝ exp(−ε‖z − φ(x)‖) (Gamma(m, 1/ε) radius, uniform direction)",
-                "nearest-word search is exact (post-processing; it does not change the bound)",
+                search_condition(params),
                 f"per-token pure bound ε·Δ_max with Δ_max = {geometry.delta_max:.4g} ({geometry.delta_max_kind})",
             ),
         )
 
+    def privacy_loss(self, x_ids: np.ndarray, x2_ids: np.ndarray) -> np.ndarray:
+        """ε·d(x, x'), Euclidean, float64."""
+        x, x2 = pair_ids(x_ids, x2_ids)
+        return self.epsilon * pair_distances(self.index, x, x2)
+
     def derived(self) -> dict[str, Any]:
         dim = self.index.dim
         return {"radius_distribution": f"Gamma(shape={dim}, scale={1 / self.epsilon:.6g})",
-                "mean_noise_radius": dim / self.epsilon}
+                "mean_noise_radius": dim / self.epsilon, **self.search_info()}
+
+    def prepare(self) -> None:
+        self.prepare_search()
+
+    def noise(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        return laplace_noise(rng, count, self.index.dim, self.epsilon)
 
     def perturb_ids(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         noisy = np.asarray(self.index.vectors[ids], dtype=np.float64)
-        noisy += laplace_noise(rng, len(ids), self.index.dim, self.epsilon)
-        out, _ = nearest_words(self.index, noisy, ids, k=1)
+        noisy += self.noise(rng, len(ids))
+        out, _ = nearest_words(self.index, noisy, ids, k=1, search=self.search, ef=self.ef_search)
         return out[:, 0]

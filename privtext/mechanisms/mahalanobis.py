@@ -22,9 +22,9 @@ import numpy as np
 
 from privtext.errors import ParameterError
 from privtext.index import EmbeddingIndex, Geometry
-from privtext.mechanisms.base import Guarantee, Mechanism, MechanismParams, param
+from privtext.mechanisms.base import Guarantee, Mechanism, MechanismParams, pair_ids, param
 from privtext.mechanisms.laplace import laplace_noise
-from privtext.mechanisms.nearest import nearest_words
+from privtext.mechanisms.nearest import NearestSearch, SearchParams, nearest_words, search_condition
 from privtext.mechanisms.registry import register
 
 DEFAULT_LAMBDA = 0.2
@@ -40,7 +40,7 @@ def check_lambda(lam: float) -> None:
 
 
 @dataclass(frozen=True)
-class MahalanobisParams(MechanismParams):
+class MahalanobisParams(SearchParams):
     lam: float = param(DEFAULT_LAMBDA, "λ: weight of the vocabulary covariance in the noise shape "
                                        "λΣ + (1 − λ)I (0 is isotropic Laplace)",
                        min=0, max=1, max_open=True)
@@ -80,8 +80,17 @@ def mahalanobis_noise(rng: np.random.Generator, count: int, sqrt_shape: np.ndarr
     return laplace_noise(rng, count, sqrt_shape.shape[0], epsilon) @ sqrt_shape
 
 
+def mahalanobis_distances(index: EmbeddingIndex, sqrt_shape: np.ndarray, x: np.ndarray,
+                          x2: np.ndarray) -> np.ndarray:
+    """d_M(x, x') = ‖M^{−1/2}(φ(x) − φ(x'))‖ = ‖w‖ with M^{1/2}·w = φ(x) − φ(x') (float64)."""
+    diff = (np.asarray(index.vectors[x], dtype=np.float64)
+            - np.asarray(index.vectors[x2], dtype=np.float64))
+    w = np.linalg.solve(np.asarray(sqrt_shape, dtype=np.float64), diff.T)
+    return np.sqrt(np.einsum("ij,ij->j", w, w))
+
+
 def mahalanobis_guarantee(epsilon: float, lam: float, geometry: Geometry,
-                          post_processing: str = "") -> Guarantee:
+                          post_processing: str = "", search: str = "exact") -> Guarantee:
     euclidean = epsilon / math.sqrt(1.0 - lam)
     return Guarantee(
         kind="metric",
@@ -97,7 +106,7 @@ def mahalanobis_guarantee(epsilon: float, lam: float, geometry: Geometry,
         conditions=(
             "noise Z = r·(λΣ + (1 − λ)I)^(1/2)·u, r ~ Gamma(m, 1/ε), u uniform on the sphere",
             "Σ is the covariance of the public vocabulary vectors (float64), trace scaled to m",
-            "nearest-word search is exact (post-processing; it does not change the bound)",
+            search_condition(SearchParams(search=search)),
             f"per-token pure bound ε/sqrt(1 − λ)·Δ_max with Δ_max = {geometry.delta_max:.4g} "
             f"({geometry.delta_max_kind})",
         ),
@@ -105,7 +114,7 @@ def mahalanobis_guarantee(epsilon: float, lam: float, geometry: Geometry,
 
 
 @register
-class MahalanobisMechanism(Mechanism):
+class MahalanobisMechanism(NearestSearch, Mechanism):
     name = "mahalanobis"
     summary = ("elliptical Laplace-type noise shaped by the vocabulary covariance, then the "
                "nearest vocabulary word")
@@ -125,7 +134,14 @@ class MahalanobisMechanism(Mechanism):
     @classmethod
     def privacy_map(cls, epsilon: float, params: MechanismParams, geometry: Geometry) -> Guarantee:
         assert isinstance(params, MahalanobisParams)
-        return mahalanobis_guarantee(epsilon, params.lam, geometry)
+        return mahalanobis_guarantee(epsilon, params.lam, geometry, search=params.search)
+
+    def privacy_loss(self, x_ids: np.ndarray, x2_ids: np.ndarray) -> np.ndarray:
+        """ε·d_M(x, x') in the regularised Mahalanobis metric of the guarantee."""
+        x, x2 = pair_ids(x_ids, x2_ids)
+        out = self.epsilon * mahalanobis_distances(self.index, self.sqrt_shape, x, x2)
+        out[x == x2] = 0.0
+        return out
 
     @property
     def sqrt_shape(self) -> np.ndarray:
@@ -135,6 +151,7 @@ class MahalanobisMechanism(Mechanism):
 
     def prepare(self) -> None:
         _ = self.sqrt_shape
+        self.prepare_search()
 
     def derived(self) -> dict[str, Any]:
         dim = self.index.dim
@@ -143,6 +160,7 @@ class MahalanobisMechanism(Mechanism):
             "euclidean_rate": self.epsilon / math.sqrt(1.0 - self.lam),
             "radius_distribution": f"Gamma(shape={dim}, scale={1 / self.epsilon:.6g})",
             "noise_covariance": "(m + 1)/ε² · (λΣ + (1 − λ)I)",
+            **self.search_info(),
         }
 
     def noise(self, rng: np.random.Generator, count: int) -> np.ndarray:
@@ -152,5 +170,5 @@ class MahalanobisMechanism(Mechanism):
         ids = np.asarray(ids, dtype=np.int64)
         noisy = np.asarray(self.index.vectors[ids], dtype=np.float64)
         noisy += self.noise(rng, len(ids))
-        out, _ = nearest_words(self.index, noisy, ids, k=1)
+        out, _ = nearest_words(self.index, noisy, ids, k=1, search=self.search, ef=self.ef_search)
         return out[:, 0]

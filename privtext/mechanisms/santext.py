@@ -29,7 +29,15 @@ import numpy as np
 
 from privtext.errors import ParameterError
 from privtext.index import Geometry
-from privtext.mechanisms.base import Guarantee, Mechanism, MechanismParams, param
+from privtext.mechanisms.base import (
+    ExponentialForm,
+    Guarantee,
+    Mechanism,
+    MechanismParams,
+    pair_distances,
+    pair_ids,
+    param,
+)
 from privtext.mechanisms.fullvocab import FullVocabularySampler
 from privtext.mechanisms.laplace import metric_guarantee
 from privtext.mechanisms.registry import register
@@ -133,6 +141,36 @@ class SanTextMechanism(Mechanism):
                 "may not match what is sensitive in your corpus",
             ),
         )
+
+    def privacy_loss(self, x_ids: np.ndarray, x2_ids: np.ndarray) -> np.ndarray:
+        """SanText: ε·d. SanText+: ε·d between two sensitive words; inf when either word is
+        non-sensitive, since a kept word is an output the other input never gives."""
+        x, x2 = pair_ids(x_ids, x2_ids)
+        out = self.epsilon * pair_distances(self.index, x, x2)
+        if self.params.plus:  # type: ignore[attr-defined]
+            out[(x < self.cut) | (x2 < self.cut)] = np.inf
+            out[x == x2] = 0.0
+        return out
+
+    def privacy_loss_on_outputs(self, x_ids: np.ndarray, x2_ids: np.ndarray
+                                ) -> tuple[np.ndarray, np.ndarray | None]:
+        """SanText+'s relaxed statement: for outputs in V_S, ε·d plus ln(1/p) for a mixed pair
+        (one sensitive, one not: the non-sensitive one reaches V_S only with probability p)."""
+        p: SanTextParams = self.params  # type: ignore[assignment]
+        if not p.plus:
+            return self.privacy_loss(x_ids, x2_ids), None
+        x, x2 = pair_ids(x_ids, x2_ids)
+        mixed = (x >= self.cut) != (x2 >= self.cut)
+        out = self.epsilon * pair_distances(self.index, x, x2)
+        out += np.where(mixed, math.log(1.0 / p.replace_probability), 0.0)
+        mask = np.zeros(self.index.n, dtype=bool)
+        mask[self.cut :] = True
+        return out, mask
+
+    def closed_form(self) -> ExponentialForm:
+        p: SanTextParams = self.params  # type: ignore[assignment]
+        return ExponentialForm(scale=self.epsilon / 2.0, lo=self.cut,
+                               keep=(1.0 - p.replace_probability) if p.plus else 0.0)
 
     def derived(self) -> dict[str, Any]:
         p: SanTextParams = self.params  # type: ignore[assignment]

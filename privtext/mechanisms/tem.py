@@ -37,7 +37,15 @@ import numpy as np
 
 from privtext.errors import ParameterError
 from privtext.index import Geometry
-from privtext.mechanisms.base import Guarantee, Mechanism, MechanismParams, param
+from privtext.mechanisms.base import (
+    ExponentialForm,
+    Guarantee,
+    Mechanism,
+    MechanismParams,
+    pair_distances,
+    pair_ids,
+    param,
+)
 from privtext.mechanisms.fullvocab import FullVocabularySampler
 from privtext.mechanisms.laplace import metric_guarantee
 from privtext.mechanisms.registry import register
@@ -112,6 +120,15 @@ class TruncatedExponentialMechanism(Mechanism):
                 f"{epsilon * gamma:.4g}",
             ),
         )
+
+    def privacy_loss(self, x_ids: np.ndarray, x2_ids: np.ndarray) -> np.ndarray:
+        """ε·min(d(x, x'), γ): the utility −min(d, γ) changes by at most min(d(x, x'), γ)
+        between inputs, and the exponential mechanism pays that twice at ε/2."""
+        x, x2 = pair_ids(x_ids, x2_ids)
+        return self.epsilon * np.minimum(pair_distances(self.index, x, x2), self.gamma)
+
+    def closed_form(self) -> ExponentialForm:
+        return ExponentialForm(scale=self.epsilon / 2.0, clamp=self.gamma)
 
     def derived(self) -> dict[str, Any]:
         fits = self._fits(np.arange(self.index.n))

@@ -19,22 +19,30 @@ import numpy as np
 
 from privtext.errors import ParameterError
 from privtext.index import Geometry
-from privtext.mechanisms.base import Guarantee, Mechanism, MechanismParams, param
+from privtext.mechanisms.base import (
+    Guarantee,
+    Mechanism,
+    MechanismParams,
+    pair_distances,
+    pair_ids,
+    param,
+)
 from privtext.mechanisms.laplace import LaplaceMechanism, laplace_noise
 from privtext.mechanisms.mahalanobis import (
     DEFAULT_LAMBDA,
     check_lambda,
+    mahalanobis_distances,
     mahalanobis_guarantee,
     mahalanobis_noise,
     shape_sqrt_artifact,
 )
-from privtext.mechanisms.nearest import nearest_words
+from privtext.mechanisms.nearest import NearestSearch, SearchParams, nearest_words
 from privtext.mechanisms.registry import register
 from privtext.mechanisms.sampling import open_uniform
 
 
 @dataclass(frozen=True)
-class VickreyParams(MechanismParams):
+class VickreyParams(SearchParams):
     t: float = param(0.75, "weight towards the second-nearest word: w₂ is output with "
                            "probability t·d₁/(t·d₁ + (1 − t)·d₂)", min=0, max=1)
     base: str = param("laplace", "the noise of the base mechanism",
@@ -68,7 +76,7 @@ def choose(nearest: np.ndarray, dist: np.ndarray, t: float, rng: np.random.Gener
 
 
 @register
-class VickreyMechanism(Mechanism):
+class VickreyMechanism(NearestSearch, Mechanism):
     name = "vickrey"
     summary = ("noisy point as in laplace (or mahalanobis); output the second-nearest word with "
                "a probability set by t and the two distances")
@@ -86,8 +94,8 @@ class VickreyMechanism(Mechanism):
         suffix = (f"; Vickrey's choice between the two nearest words (t = {params.t:g}) is "
                   f"post-processing of the {params.base} noise")
         if params.base == "mahalanobis":
-            return mahalanobis_guarantee(epsilon, params.shape_lambda, geometry, suffix)
-        base = LaplaceMechanism.privacy_map(epsilon, MechanismParams(), geometry)
+            return mahalanobis_guarantee(epsilon, params.shape_lambda, geometry, suffix, params.search)
+        base = LaplaceMechanism.privacy_map(epsilon, SearchParams(search=params.search), geometry)
         return Guarantee(
             kind=base.kind, rate=base.rate, metric=base.metric,
             per_token_pure_bound=base.per_token_pure_bound,
@@ -96,6 +104,17 @@ class VickreyMechanism(Mechanism):
                                           "and fresh randomness (post-processing)"),
             caveats=base.caveats,
         )
+
+    def privacy_loss(self, x_ids: np.ndarray, x2_ids: np.ndarray) -> np.ndarray:
+        """The base mechanism's map (the choice between w₁ and w₂ is post-processing): ε·d
+        (laplace) or ε·d_M (mahalanobis)."""
+        x, x2 = pair_ids(x_ids, x2_ids)
+        if self.vparams.base == "mahalanobis":
+            out = self.epsilon * mahalanobis_distances(self.index, self._sqrt_shape(), x, x2)
+        else:
+            out = self.epsilon * pair_distances(self.index, x, x2)
+        out[x == x2] = 0.0
+        return out
 
     @property
     def vparams(self) -> VickreyParams:
@@ -111,6 +130,7 @@ class VickreyMechanism(Mechanism):
     def prepare(self) -> None:
         if self.vparams.base == "mahalanobis":
             self._sqrt_shape()
+        self.prepare_search()
 
     def derived(self) -> dict[str, Any]:
         p = self.vparams
@@ -119,6 +139,7 @@ class VickreyMechanism(Mechanism):
                                                       f"scale={1 / self.epsilon:.6g})"}
         if p.base == "mahalanobis":
             out["lambda"] = p.shape_lambda
+        out.update(self.search_info())
         return out
 
     def noise(self, rng: np.random.Generator, count: int) -> np.ndarray:
@@ -130,5 +151,5 @@ class VickreyMechanism(Mechanism):
         ids = np.asarray(ids, dtype=np.int64)
         noisy = np.asarray(self.index.vectors[ids], dtype=np.float64)
         noisy += self.noise(rng, len(ids))
-        nearest, dist = nearest_words(self.index, noisy, ids, k=2)
+        nearest, dist = nearest_words(self.index, noisy, ids, k=2, search=self.search, ef=self.ef_search)
         return choose(nearest, dist, self.vparams.t, rng)

@@ -1,0 +1,339 @@
+"""Exact sampling of P[y | x] ∝ π(y)·exp(−s·min(d(x, y), c)) without scanning the vocabulary.
+
+Used by `FullVocabularySampler` (santext, density exact, tem beyond the table). The neighbour
+table gives the exact weights of the K nearest words of x; every other word is drawn by rejection
+from an envelope that dominates its weight, so no per-word normaliser over V is ever needed.
+
+Why every word beyond the table is covered by a bound that needs no scan (κ_y is d_K(y), the
+K-th table distance of y, lowered by a safety margin, see `tail_radius`):
+
+* y ∉ T_x (x's table row) ⇒ d(x, y) ≥ d_K(x) ≥ κ_x: the row holds the K nearest words.
+* x ∉ T_y as well ⇒ d(x, y) ≥ κ_y, by the same argument from y's side.
+* So for y outside T_x and outside R_x = {y : x ∈ T_y} (the reverse neighbours),
+  d(x, y) ≥ L(x, y) = max(κ_x, κ_y), and since the weight is non-increasing in the distance,
+  w(y) ≤ b(y) = π(y)·exp(−s·min(L(x, y), c)).
+* For y ∈ E_x = R_x \\ T_x only the first bound holds: w(y) ≤ e_x = exp(−s·min(κ_x, c))
+  (π is normalised to max 1).
+
+The proposal is the mixture with unnormalised mass
+
+    g(y) = w(y)                          for y ∈ T_x   (exact weights from the table)
+    g(y) = b(y) + [y ∈ E_x]·e_x          otherwise     (b over all words, plus E_x uniformly)
+
+and a proposal y is accepted with probability w(y)/g(y): always from the table part, never when
+the envelope proposes a table word (its mass comes from the table part alone), else the ratio.
+Accepted mass is g(y)·w(y)/g(y) = w(y) for every y, so the first accepted proposal has exactly
+the target distribution — whatever the unknown tail mass Z_tail is, and without computing it.
+Each envelope proposal costs one float64 distance d(x, y) (from the stored float32 vectors).
+
+b(y) is sampled without a scan because it depends on x only through κ_x: in the order of
+increasing κ_y, words with κ_y ≤ κ_x (a prefix) weigh π(y)·exp(−s·min(κ_x, c)), the others (the
+suffix) weigh π(y)·exp(−s·min(κ_y, c)), a function of y alone. One forward log-cumulative sum of
+π and one backward log-cumulative sum of the suffix weights, computed once per sampler, give both
+masses and an inverse-CDF draw by binary search. The density prior is thus part of the proposal
+and costs no envelope slack. E_x comes from a reverse-neighbour list cached with the index.
+
+Tries: each round draws `k` proposals per pending token and keeps the first accepted one (the
+proposals are i.i.d., so the first acceptance in order is the rejection sampler's output). After
+`max_tries` proposals a token falls back to the exact scan (`fullvocab`), drawing afresh: the
+first-acceptance value is independent of when it happens, so the mixture is still exact, and the
+running time per token is bounded. The Generator is consumed in an order fixed by the chunk's ids
+alone (never by worker count, cache or history).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from privtext.index import EmbeddingIndex
+from privtext.mechanisms.sampling import open_uniform
+
+REVERSE_ARTIFACT = "reverse-neighbours"
+DEFAULT_MAX_TRIES = 4096
+DEFAULT_ROUND_TRIES = 8
+_TOKEN_SLICE = 4096
+_QUANTILE_BINS = 64
+_BIN_WIDTH = 0.1
+# Relative margin between distances computed by different float64 formulas (about 1e-14 apart).
+_REL = 1e-9
+
+
+def build_reverse_neighbours(index: EmbeddingIndex) -> np.ndarray:
+    """E_x = {y : x ∈ T_y, y ∉ T_x} for every x, packed as [offsets (n + 1), members] int64."""
+    n = index.n
+    table = np.asarray(index.neighbor_ids, dtype=np.int64)
+    k = table.shape[1]
+    owner = np.repeat(np.arange(n, dtype=np.int64), k)
+    member = table.reshape(-1)
+    forward = owner * n + member  # key of "member ∈ T_owner"
+    # reverse pair (x = member, y = owner): y ∈ R_x; drop it when y ∈ T_x (key x·n + y present).
+    reverse = member * n + owner
+    keep = ~np.isin(reverse, forward) & (member != owner)
+    xs, ys = member[keep], owner[keep]
+    order = np.lexsort((ys, xs))
+    xs, ys = xs[order], ys[order]
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(xs, minlength=n), out=offsets[1:])
+    return np.concatenate([offsets, ys])
+
+
+def tail_radius(index: EmbeddingIndex) -> np.ndarray:
+    """κ_y: a certified lower bound on d(y, z) for every z outside y's table row.
+
+    The table's K-th distance d_K(y) is exact in float64, but the row was selected by float32
+    distances, so a word just beyond the row could be nearer than d_K(y) by float32 rounding:
+    at most (m + 4)·2⁻²⁴·(‖φ(y)‖ + ‖φ(z)‖)² in the squared distance (the bound for either the
+    direct or the ‖a‖² + ‖b‖² − 2a·b form in any summation order). κ_y subtracts twice that
+    (with the largest vector norm), and a relative 1e-9 for float64 rounding."""
+    geo = index.geometry
+    d_k = np.asarray(index.neighbor_dist[:, -1], dtype=np.float64)
+    slack = 2.0 * (geo.dim + 4) * 2.0**-24 * (2.0 * geo.max_norm) ** 2
+    return np.sqrt(np.maximum(d_k * d_k - slack, 0.0)) * (1.0 - _REL)
+
+
+class EnvelopeSampler:
+    """Rejection sampler for P[y | x] ∝ exp(log_prior(y) − scale·min(d(x, y), clamp)) over
+    the ids [lo, hi); see the module docstring for why it is exact."""
+
+    def __init__(self, index: EmbeddingIndex, scale: float, *, lo: int, hi: int,
+                 log_prior: np.ndarray | None, clamp: float | None,
+                 max_tries: int = DEFAULT_MAX_TRIES, round_tries: int = DEFAULT_ROUND_TRIES):
+        self.index = index
+        self.scale = float(scale)
+        self.lo, self.hi = int(lo), int(hi)
+        self.clamp = math.inf if clamp is None else float(clamp)
+        self.max_tries = int(max_tries)
+        self.round_tries = max(1, int(round_tries))
+        n = index.n
+        # log π over the whole vocabulary, max 0 inside the range, −inf outside it.
+        lp = np.full(n, -np.inf)
+        if log_prior is None:
+            lp[self.lo : self.hi] = 0.0
+        else:
+            inside = np.asarray(log_prior[self.lo : self.hi], dtype=np.float64)
+            lp[self.lo : self.hi] = inside - inside.max()
+        self.log_prior = lp
+        self.whole_table = index.neighbors >= n
+        self._ready = False
+
+    # -- per-sampler structures (built lazily in each process) -----------------------------------
+
+    def _setup(self) -> None:
+        if self._ready:
+            return
+        index = self.index
+        self.table = np.asarray(index.neighbor_ids)
+        self.table_dist = np.asarray(index.neighbor_dist)
+        self.d_k = np.asarray(index.neighbor_dist[:, -1], dtype=np.float64)
+        self.kappa = tail_radius(index)
+        self.vectors = np.asarray(index.vectors)
+        if not self.whole_table:
+            packed = index.derived_artifact(REVERSE_ARTIFACT, {"version": 1}, build_reverse_neighbours)
+            self.rev_offsets = np.asarray(packed[: index.n + 1])
+            self.rev_members = packed[index.n + 1 :]
+            self._bins()
+        self._ready = True
+
+    def _bins(self) -> None:
+        """Range words sorted by κ and cut into bins; a bin's envelope uses its smallest κ."""
+        ids = np.arange(self.lo, self.hi)
+        kap = self.kappa[ids]
+        order = np.argsort(kap, kind="stable")
+        self.perm = ids[order]
+        ks = kap[order]
+        size = len(ids)
+        # Quantile cuts keep bins small where words are dense; a grid of width _BIN_WIDTH bounds
+        # the envelope's slack inside a bin (at most exp(s·width)) where they are sparse.
+        cuts = np.concatenate([np.linspace(0, size, _QUANTILE_BINS + 1)[:-1].astype(np.int64),
+                               np.searchsorted(ks, np.arange(ks[0], ks[-1], _BIN_WIDTH))])
+        starts = np.unique(np.clip(cuts, 0, size - 1))
+        starts = starts[np.concatenate([[True], ks[starts[1:]] > ks[starts[:-1]]])] if len(starts) > 1 else starts
+        self.bin_start = starts
+        self.bin_size = np.diff(np.append(starts, size))
+        self.bin_kappa = ks[starts]  # the smallest κ of each bin: L ≥ max(κ_x, bin_kappa)
+        self.bin_of = np.zeros(self.index.n, dtype=np.int64)
+        self.bin_of[self.perm] = np.repeat(np.arange(len(starts)), self.bin_size)
+        lp = self.log_prior[self.perm]
+        top = np.maximum.reduceat(lp, starts)
+        rel = np.exp(lp - np.repeat(top, self.bin_size))
+        self.bin_log_prior = top + np.log(np.add.reduceat(rel, starts))
+        self.uniform_bins = bool((lp == 0.0).all())
+        if not self.uniform_bins:
+            # Cumulative π inside each bin (restarted per bin, so no cancellation between bins).
+            self.local_cum = np.empty(size)
+            for a, m in zip(starts, self.bin_size, strict=True):
+                np.cumsum(rel[a : a + m], out=self.local_cum[a : a + m])
+            self._local_steps = max(1, math.ceil(math.log2(int(self.bin_size.max()))) + 1)
+
+    def prepare(self) -> None:
+        if not self.whole_table:
+            self.index.derived_artifact(REVERSE_ARTIFACT, {"version": 1}, build_reverse_neighbours)
+
+    # -- per distinct word ---------------------------------------------------------------------------
+
+    def _word_terms(self, words: np.ndarray) -> dict[str, np.ndarray]:
+        """Per word: the cumulative masses of the proposal parts [table, bin 0 … bin B−1, E]
+        (normalised to end at 1) and the table part's cumulative weights."""
+        s, c = self.scale, self.clamp
+        rows = np.asarray(self.table[words], dtype=np.int64)
+        lw = self.log_prior[rows] - s * np.minimum(np.asarray(self.table_dist[words]), c)
+        top = lw.max(axis=1)
+        finite = np.isfinite(top)
+        shift = np.where(finite, top, 0.0)
+        cum = np.cumsum(np.exp(lw - shift[:, None]), axis=1)
+        with np.errstate(divide="ignore"):
+            a_table = np.where(finite, shift + np.log(cum[:, -1]), -np.inf)
+        terms: dict[str, np.ndarray] = {"rows": rows, "cum": cum}
+        if self.whole_table:
+            terms["parts"] = np.ones((len(words), 1))
+            return terms
+        kx = self.kappa[words]
+        parts = np.empty((len(words), len(self.bin_start) + 2))
+        parts[:, 0] = a_table
+        parts[:, 1:-1] = self.bin_log_prior[None, :] - s * np.minimum(
+            np.maximum(kx[:, None], self.bin_kappa[None, :]), c)
+        rev_start = self.rev_offsets[words]
+        rev_size = self.rev_offsets[words + 1] - rev_start
+        with np.errstate(divide="ignore"):
+            parts[:, -1] = np.log(rev_size.astype(np.float64)) - s * np.minimum(kx, c)
+        parts -= parts.max(axis=1, keepdims=True)
+        np.exp(parts, out=parts)
+        np.cumsum(parts, axis=1, out=parts)
+        parts /= parts[:, -1:]
+        terms.update(parts=parts, rev_start=rev_start, rev_size=rev_size)
+        return terms
+
+    # -- sampling ------------------------------------------------------------------------------------
+
+    def sample(self, ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(outputs, done): outputs[i] is valid where done[i]; the others exhausted max_tries
+        and must be drawn by the exact scan (with fresh randomness)."""
+        self._setup()
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.full(len(ids), -1, dtype=np.int64)
+        done = np.zeros(len(ids), dtype=bool)
+        if len(ids) == 0:
+            return out, done
+        words, inverse = np.unique(ids, return_inverse=True)
+        terms = self._word_terms(words)
+        pending = np.arange(len(ids))
+        tries = 0
+        while len(pending) and tries < self.max_tries:
+            k = min(self.round_tries, self.max_tries - tries)
+            still = []
+            for start in range(0, len(pending), _TOKEN_SLICE):
+                tok = pending[start : start + _TOKEN_SLICE]
+                got, value = self._round(ids[tok], inverse[tok], k, terms, rng)
+                out[tok[got]] = value[got]
+                done[tok[got]] = True
+                still.append(tok[~got])
+            pending = np.concatenate(still)
+            tries += k
+        return out, done
+
+    def _round(self, x: np.ndarray, w: np.ndarray, k: int, terms: dict[str, np.ndarray],
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """k proposals for each token (x: word ids, w: rows of the per-word terms); returns
+        (accepted, output) with the first accepted proposal of each token."""
+        t = len(x)
+        s, c = self.scale, self.clamp
+        xx = np.repeat(x, k)
+        ww = np.repeat(w, k)
+        u_part = open_uniform(rng, t * k)
+        u_pick = open_uniform(rng, t * k)
+        u_accept = open_uniform(rng, t * k)
+        parts = terms["parts"]
+        col = search_rows(parts, ww, u_part) if parts.shape[1] > 1 else np.zeros(t * k, dtype=np.int64)
+        y = np.zeros(t * k, dtype=np.int64)
+        accept = np.zeros(t * k, dtype=bool)
+
+        sel = np.flatnonzero(col == 0)  # the exact table part: always accepted
+        if len(sel):
+            cum = terms["cum"]
+            r = ww[sel]
+            target = u_pick[sel] * cum[r, -1]
+            j = np.minimum((cum[r] <= target[:, None]).sum(axis=1), cum.shape[1] - 1)
+            y[sel] = terms["rows"][r, j]
+            accept[sel] = True
+        if parts.shape[1] == 1:
+            return np.ones(t, dtype=bool), y.reshape(t, k)[:, 0]
+
+        last = parts.shape[1] - 1
+        sel = np.flatnonzero((col > 0) & (col < last))  # a bin of the envelope
+        if len(sel):
+            b = col[sel] - 1
+            start, size = self.bin_start[b], self.bin_size[b]
+            if self.uniform_bins:
+                j = rng.integers(0, size)
+            else:
+                j = _search_segments(self.local_cum, start, size, u_pick[sel], self._local_steps)
+            y[sel] = self.perm[start + j]
+
+        sel = np.flatnonzero(col == last)  # reverse neighbours beyond the table, uniformly
+        if len(sel):
+            r = ww[sel]
+            j = rng.integers(0, terms["rev_size"][r])
+            y[sel] = self.rev_members[terms["rev_start"][r] + j]
+
+        env = np.flatnonzero(col > 0)
+        if len(env):
+            # Distances for every proposal in a (t, k, m) block: x's row is gathered once per
+            # token, not once per proposal (the table-part proposals' distances are unused).
+            diff = np.subtract(self.vectors[y.reshape(t, k)], self.vectors[x][:, None, :],
+                               dtype=np.float64)
+            dist = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff)).reshape(-1)[env]
+            xe, ye = xx[env], y[env]
+            # Membership in T_x or E_x only needs checking when d is within the table radii.
+            near = np.flatnonzero(dist <= np.maximum(self.d_k[xe], self.d_k[ye]) * (1.0 + _REL))
+            in_table = np.zeros(len(env), dtype=bool)
+            in_reverse = np.zeros(len(env), dtype=bool)
+            if len(near):
+                in_table[near] = (self.table[xe[near]] == ye[near, None]).any(axis=1)
+                in_reverse[near] = (self.table[ye[near]] == xe[near, None]).any(axis=1) & ~in_table[near]
+            lp = self.log_prior[ye]
+            kx = self.kappa[xe]
+            log_w = lp - s * np.minimum(dist, c)
+            log_b = lp - s * np.minimum(np.maximum(kx, self.bin_kappa[self.bin_of[ye]]), c)
+            if in_reverse.any():
+                log_b = np.where(in_reverse, np.logaddexp(log_b, -s * np.minimum(kx, c)), log_b)
+            with np.errstate(invalid="ignore"):  # −inf − (−inf) for an out-of-range y: rejected
+                ratio = np.minimum(log_w - log_b, 0.0)
+            accept[env] = ~in_table & np.isfinite(lp) & (np.log(u_accept[env]) < ratio)
+
+        accept = accept.reshape(t, k)
+        got = accept.any(axis=1)
+        first = accept.argmax(axis=1)
+        return got, y.reshape(t, k)[np.arange(t), first]
+
+
+def search_rows(table: np.ndarray, rows: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """For each i, the first column j with table[rows[i], j] > u[i] (rows non-decreasing and
+    ending at 1, u < 1): a binary search vectorised over the proposals."""
+    width = table.shape[1]
+    flat = table.reshape(-1)
+    base = rows * width
+    lo = np.zeros(len(rows), dtype=np.int64)
+    hi = np.full(len(rows), width - 1, dtype=np.int64)
+    for _ in range(max(1, math.ceil(math.log2(width)))):
+        mid = (lo + hi) >> 1
+        right = flat[base + mid] <= u
+        lo = np.where(right, mid + 1, lo)
+        hi = np.where(right, hi, mid)
+    return lo
+
+
+def _search_segments(cum: np.ndarray, start: np.ndarray, size: np.ndarray, u: np.ndarray,
+                     steps: int) -> np.ndarray:
+    """Inverse CDF inside segments cum[start : start + size] (each cumulative from its start):
+    the first offset j with cum[start + j] > u·cum[start + size − 1]."""
+    target = u * cum[start + size - 1]
+    lo = np.zeros(len(start), dtype=np.int64)
+    hi = size - 1
+    for _ in range(steps):
+        mid = (lo + hi) >> 1
+        right = cum[start + mid] <= target
+        lo = np.where(right, mid + 1, lo)
+        hi = np.where(right, hi, mid)
+    return np.minimum(lo, size - 1)

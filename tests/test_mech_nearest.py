@@ -1,0 +1,154 @@
+"""Nearest-word search (nearest.py): the certified exact search against a float64 brute force,
+near-ties that float32 cannot decide, and the approximate HNSW option with its recall."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from privtext.errors import ParameterError
+from privtext.mechanisms import create
+from privtext.mechanisms import nearest as nearest_mod
+from privtext.mechanisms.laplace import laplace_noise
+from privtext.mechanisms.nearest import measure_recall, nearest_words
+
+
+def brute_force(vectors: np.ndarray, noisy: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest by float64 distance, ties to the smaller id (the contract of nearest_words)."""
+    ids = np.empty((len(noisy), k), dtype=np.int64)
+    dist = np.empty((len(noisy), k))
+    for i, z in enumerate(noisy):
+        d = np.linalg.norm(vectors - z, axis=1)
+        order = np.lexsort((np.arange(len(d)), d))[:k]
+        ids[i], dist[i] = order, d[order]
+    return ids, dist
+
+
+@pytest.mark.parametrize("epsilon", [3.0, 10.0, 40.0])
+@pytest.mark.parametrize("k", [1, 2])
+def test_exact_search_is_the_float64_brute_force(glove_small, epsilon: float, k: int) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(int(epsilon) + k)
+    v = np.asarray(glove_small.vectors, np.float64)
+    anchors = rng.integers(0, glove_small.n, 600)
+    noisy = v[anchors] + laplace_noise(rng, len(anchors), glove_small.dim, epsilon)
+    ids, dist = nearest_words(glove_small, noisy, anchors, k=k)
+    want_ids, want_dist = brute_force(v, noisy, k)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(dist, want_dist, rtol=1e-12)
+
+
+def test_near_ties_beyond_float32_precision_are_decided_in_float64(glove_small, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Points almost exactly halfway between two words (1e-9 apart in distance), searched from
+    unrelated anchors so the table cannot prune: float32 cannot order the two words, so the
+    first certificate fails and the wider pass decides in float64."""
+    widths: list[int] = []
+    real_search = nearest_mod._faiss_search
+
+    def counting_search(index, queries, k):  # type: ignore[no-untyped-def]
+        widths.append(k)
+        return real_search(index, queries, k)
+
+    monkeypatch.setattr(nearest_mod, "_faiss_search", counting_search)
+    v = np.asarray(glove_small.vectors, np.float64)
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, glove_small.n, 40)
+    b = np.asarray(glove_small.neighbor_ids[a, 1], dtype=np.int64)
+    axis = (v[b] - v[a]) / np.linalg.norm(v[b] - v[a], axis=1, keepdims=True)
+    mid = (v[a] + v[b]) / 2 + axis * rng.choice([-1e-9, 1e-9], size=(len(a), 1))
+    ids, _ = nearest_words(glove_small, mid, (a + glove_small.n // 2) % glove_small.n, k=1)
+    want, _ = brute_force(v, mid, 1)
+    np.testing.assert_array_equal(ids, want)
+    assert nearest_mod.WIDE in widths  # the wider certified pass really was needed
+
+
+def test_many_near_ties_fall_back_to_the_float64_scan(index_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A query equidistant (up to 1e-9) from more words than the wider pass returns: only the
+    float64 scan can certify the answer."""
+    calls = {"scan": 0}
+    real_scan = nearest_mod._scan
+
+    def counting_scan(*args):  # type: ignore[no-untyped-def]
+        calls["scan"] += 1
+        return real_scan(*args)
+
+    monkeypatch.setattr(nearest_mod, "_scan", counting_scan)
+    rng = np.random.default_rng(2)
+    sphere = rng.normal(size=(200, 8))
+    sphere /= np.linalg.norm(sphere, axis=1, keepdims=True)
+    idx = index_factory(np.vstack([sphere * 3.0, rng.normal(size=(100, 8)) * 0.2 + 9.0]), neighbors=4)
+    v = np.asarray(idx.vectors, np.float64)
+    centre = np.zeros((3, 8)) + rng.normal(size=(3, 8)) * 1e-9
+    ids, _ = nearest_words(idx, centre, np.array([250, 260, 270]), k=2)
+    want, _ = brute_force(v, centre, 2)
+    np.testing.assert_array_equal(ids, want)
+    assert calls["scan"] > 0
+
+
+def test_answer_does_not_depend_on_the_anchor(glove_small) -> None:  # type: ignore[no-untyped-def]
+    """The anchor only prunes: any anchor gives the same exact answer."""
+    rng = np.random.default_rng(2)
+    v = np.asarray(glove_small.vectors, np.float64)
+    anchors = rng.integers(0, glove_small.n, 300)
+    noisy = v[anchors] + laplace_noise(rng, len(anchors), glove_small.dim, 20.0)
+    own, _ = nearest_words(glove_small, noisy, anchors, k=2)
+    other, _ = nearest_words(glove_small, noisy, anchors[::-1].copy(), k=2)
+    np.testing.assert_array_equal(own, other)
+
+
+def test_hnsw_returns_near_exact_answers_and_recall_measures_them(glove_small) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(3)
+    v = np.asarray(glove_small.vectors, np.float64)
+    anchors = rng.integers(0, glove_small.n, 500)
+    noisy = v[anchors] + laplace_noise(rng, len(anchors), glove_small.dim, 10.0)
+    approx, dist = nearest_words(glove_small, noisy, anchors, k=2, search="hnsw", ef=64)
+    exact, exact_dist = nearest_words(glove_small, noisy, anchors, k=2)
+    assert (approx[:, 0] == exact[:, 0]).mean() > 0.9
+    assert (dist[:, 0] >= exact_dist[:, 0] - 1e-12).all()  # never closer than the true nearest
+    assert (dist[:, 0] <= dist[:, 1]).all()
+
+    def noise(r: np.random.Generator, count: int) -> np.ndarray:
+        return laplace_noise(r, count, glove_small.dim, 10.0)
+
+    wide = measure_recall(glove_small, noise, ef=2000, sample=400)
+    narrow = measure_recall(glove_small, noise, ef=1, sample=400)
+    assert wide["recall_at_1_uniform"] > 0.98 and wide["recall_at_1_zipf"] > 0.98
+    assert narrow["recall_at_1_uniform"] < wide["recall_at_1_uniform"]  # the measure can tell
+    lo, hi = narrow["interval_95_uniform"]
+    assert lo <= narrow["recall_at_1_uniform"] <= hi
+
+
+def test_hnsw_graph_is_built_once_and_cached(glove_small) -> None:  # type: ignore[no-untyped-def]
+    nearest_mod.hnsw_index(glove_small)
+    files = list((glove_small.path / "derived").glob("hnsw-graph-*.npy"))
+    assert len(files) == 1
+    before = files[0].stat().st_mtime_ns
+    nearest_mod._HNSW.clear()  # a new process: loads the cached graph, does not rebuild it
+    nearest_mod.hnsw_index(glove_small)
+    assert files[0].stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("name", ["laplace", "mahalanobis", "vickrey"])
+def test_mechanisms_take_the_search_parameter(glove_small, name: str) -> None:  # type: ignore[no-untyped-def]
+    exact = create(name, glove_small, 10.0, {})
+    approx = create(name, glove_small, 10.0, {"search": "hnsw", "hnsw_ef": "32"})
+    assert "exact" in " ".join(exact.guarantee.conditions)
+    assert "HNSW" in " ".join(approx.guarantee.conditions)
+    assert exact.guarantee.rate == approx.guarantee.rate  # post-processing: same guarantee
+    approx.prepare()
+    info = approx.derived()
+    assert info["search"].startswith("hnsw") and info["hnsw_recall"]["efSearch"] == 32
+    assert 0.0 <= info["hnsw_recall"]["recall_at_1_zipf"] <= 1.0
+    ids = np.random.default_rng(4).integers(0, glove_small.n, 2000)
+    a = exact.perturb_ids(ids, np.random.default_rng(5))
+    b = approx.perturb_ids(ids, np.random.default_rng(5))  # same noise, approximate search
+    assert (a == b).mean() > 0.8
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"search": "annoy"}, "choose one of exact, hnsw"),
+    ({"hnsw_ef": "8"}, "hnsw_ef applies only with --param search=hnsw"),
+    ({"search": "hnsw", "hnsw_ef": "0"}, "out of range"),
+])
+def test_bad_search_parameters_are_refused(glove_small, params, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ParameterError, match=message):
+        create("laplace", glove_small, 10.0, params)

@@ -238,3 +238,18 @@ def test_parquet_field_checks_and_unreadable_files(tmp_path) -> None:  # type: i
     (tmp_path / "fake.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(InputFormatError, match=r"cannot read .* as Parquet"):
         ParquetSource.open(str(tmp_path / "fake.parquet"))
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    (b'{"a": {"text": "inner"}, "te\\u0078t": "outer"}', b'{"a": {"text": "inner"}, "te\\u0078t": "OUTER"}'),
+    (b'{"say \\"text": "k", "text": "v"}', b'{"say \\"text": "k", "text": "V"}'),
+    (b'{"note": "a \\"text\\": b", "text": "v"}', b'{"note": "a \\"text\\": b", "text": "V"}'),
+    (b'{"a.b+": "x", "text": "v"}', b'{"a.b+": "x", "text": "V"}'),
+])
+def test_the_fast_path_never_splices_the_wrong_occurrence(line: bytes, expected: bytes) -> None:
+    assert splice(line) == expected
+
+
+def test_a_key_with_regex_characters() -> None:
+    out = jsonl_codec.transform([b'{"c++": "x y", "z": 1}'], 1, ["c++"], "fail", upper)
+    assert out.payload == b'{"c++": "X Y", "z": 1}'

@@ -80,7 +80,8 @@ def _fast_locate(line: str, key: str) -> list[tuple[int, int, str]] | None:
         return None
     pattern = _KEY_PATTERNS.get(key)
     if pattern is None:
-        pattern = _KEY_PATTERNS.setdefault(key, re.compile(json.dumps(key) + r"[ \t\n\r]*:[ \t\n\r]*"))
+        pattern = _KEY_PATTERNS.setdefault(key, re.compile(
+            re.escape(json.dumps(key, ensure_ascii=False)) + r"[ \t\n\r]*:[ \t\n\r]*"))
     matches = pattern.findall(line)
     if len(matches) != 1:
         return None

@@ -357,9 +357,10 @@ def main() -> None:
     except OSError as exc:
         if debug:
             raise
-        click.echo(f"Error: {exc.strerror or exc}"
-                   + (f": {exc.filename}" if exc.filename else "")
-                   + "; check the path, permissions and free space", err=True)
+        from privtext.run.outputs import describe_os_error
+
+        where = f" ({exc.filename})" if exc.filename else ""
+        click.echo(f"Error{where}: {describe_os_error(exc)}", err=True)
         sys.exit(1)
     except Exception as exc:
         if debug:

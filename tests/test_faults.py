@@ -517,3 +517,20 @@ def test_one_long_record_memory_is_bounded(tmp_path: Path, env: dict[str, str]) 
     assert (peak - baseline) * 1024 < 10 * size, f"peak {peak} KiB, baseline {baseline} KiB, record {size} B"
     got = json.loads((tmp_path / "o.jsonl").read_text())
     assert got["id"] == 1 and len(got["text"].split(" ")) == 3_000_000
+
+
+def test_a_failed_run_with_resume_keeps_its_part_and_continues(tmp_path: Path, env: dict[str, str]) -> None:
+    """Disk full (a file-size limit) half way, with --resume: the finished part is kept, and the
+    rerun completes byte-identical to an uninterrupted seeded run."""
+    src = corpus(tmp_path / "in.jsonl", 20_000)
+    args = ["--seed", "9", "--epsilon", "300", "--chunk-size", "100", "--workers", "2", "-q", *VOCAB]
+    privtext(env, "perturb", str(src), "-o", str(tmp_path / "reference.jsonl"), *args)
+    out = tmp_path / "out.jsonl"
+    failed = privtext(env, "perturb", str(src), "-o", str(out), "--resume", *args, check=False,
+                      preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (600_000, 600_000)))
+    assert failed.returncode == 1 and "file-size limit" in failed.stderr.decode()
+    assert not out.exists()
+    assert (tmp_path / ".out.jsonl.privtext-journal").exists()  # kept for --resume
+    privtext(env, "perturb", str(src), "-o", str(out), "--resume", *args)
+    assert out.read_bytes() == (tmp_path / "reference.jsonl").read_bytes()
+    assert debris(tmp_path) == []

@@ -90,6 +90,7 @@ try:
     out.commit()
 except OutputError as exc:
     print(exc)
+    out.abort()   # the caller's choice: abort (remove) or detach (keep for --resume)
     sys.exit(1)
 """
     (tmp_path / "o.bin").write_bytes(b"old")

@@ -243,8 +243,12 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path: Path, env: dict[str, s
     src = corpus(tmp_path / "in.jsonl", 60_000)
     proc, marker = start(env, "perturb", str(src), "-o", str(tmp_path / "o.jsonl"), "--epsilon", "300",
                          "--workers", "2", "--chunk-size", "50", "-q", *VOCAB)
-    wait_for_workers(marker, 4)  # main, fork server, two workers
+    wait_for_workers(marker, 4)  # main, fork server, two workers (and the resource tracker)
     assert len(marked_pids(marker)) >= 4
+    journal = tmp_path / ".o.jsonl.privtext-journal"
+    deadline = time.monotonic() + 60
+    while not journal.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
     proc.kill()
     proc.wait()
     assert wait_gone(marker, 5) == []  # parent-death detection, within seconds

@@ -188,6 +188,7 @@ def report_from_outcome(outcome: PerturbOutcome, risk: bool = True,
             "field": None if outcome.fmt == "text" else settings.field,
             "chunk_size": settings.chunk_size,
             "workers": outcome.workers,
+            **({"shards": outcome.shards} if getattr(outcome, "shards", None) is not None else {}),
         },
         "run": {
             "resumed": outcome.resumed is not None,

@@ -170,6 +170,7 @@ class EmbeddingIndex:
     def __init__(self, path: Path):
         path = Path(path)
         expected_digest: str | None = None
+        vanished: set[str] = set()
         for _attempt in range(3):
             if (path / MANIFEST).exists() or not (path / POINTER).exists():
                 version = path
@@ -184,6 +185,9 @@ class EmbeddingIndex:
                 if expected_digest is None:  # a fixed version was asked for, and it is gone
                     raise IndexCacheError(
                         f"index cache version {version} was removed while in use; rerun the command") from None
+                if version.name in vanished:  # CURRENT still names it: not a race, damage
+                    raise _corrupt(path, f"the version {POINTER} names, {version.name}, is missing") from None
+                vanished.add(version.name)
                 continue  # a rebuild switched CURRENT and removed this version: read it again
         raise IndexCacheError(f"index cache {path} keeps changing while opening; retry when its rebuild is done")
 

@@ -35,6 +35,7 @@ import contextlib
 import ctypes
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,9 +48,9 @@ BLOCK = 2048
 # Step 1: k-means groups of about this many words, each compared with its nearest groups
 # totalling at least _PROBE_COLUMNS words (tighter bounds cost more here, save more in step 2).
 _GROUP_SIZE = 256
-_PROBE_COLUMNS = 8192
+_PROBE_COLUMNS = 4096
 _U32 = 2.0**-24  # unit roundoff of float32
-_PAIR_CHUNK = 1 << 16  # pairs per exact-distance batch (a 25 MiB float64 difference matrix)
+_PAIR_CHUNK = 2048  # pairs per exact-distance batch (an 800 KiB float64 difference matrix)
 
 
 def pair_distances(vectors: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -62,13 +63,22 @@ def pair_distances(vectors: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> n
     """
     rows = np.asarray(rows, dtype=np.intp).ravel()
     cols = np.asarray(cols, dtype=np.intp).ravel()
-    out = np.empty(rows.shape[0], dtype=np.float64)
-    for start in range(0, rows.shape[0], _PAIR_CHUNK):
-        stop = min(start + _PAIR_CHUNK, rows.shape[0])
-        diff = vectors[rows[start:stop]].astype(np.float64)
-        diff -= vectors[cols[start:stop]]
-        np.multiply(diff, diff, out=diff)
-        np.sqrt(np.add.reduce(diff, axis=-1), out=out[start:stop])
+    m, dim = rows.shape[0], vectors.shape[1]
+    out = np.empty(m, dtype=np.float64)
+    # Small reused buffers: the work stays in the core's cache instead of streaming (and
+    # page-faulting) fresh arrays of millions of rows through memory.
+    size = min(_PAIR_CHUNK, m)
+    a = np.empty((size, dim), dtype=np.float64)
+    b = np.empty((size, dim), dtype=vectors.dtype)
+    for start in range(0, m, size):
+        stop = min(start + size, m)
+        ca, cb = a[: stop - start], b[: stop - start]
+        np.copyto(ca, np.take(vectors, rows[start:stop], axis=0))
+        np.take(vectors, cols[start:stop], axis=0, out=cb)
+        np.subtract(ca, cb, out=ca)
+        np.multiply(ca, ca, out=ca)
+        np.add.reduce(ca, axis=-1, out=out[start:stop])
+    np.sqrt(out, out=out)
     return out
 
 
@@ -159,8 +169,7 @@ def exact_neighbor_table(
     n, dim = v32.shape
     k = min(k, n)
     threads = threads or default_threads()
-    v64 = v32.astype(np.float64)
-    norms = np.einsum("ij,ij->i", v64, v64)
+    norms = np.einsum("ij,ij->i", v32, v32, dtype=np.float64)
     # Augmented rows: left_i · right_j = ‖x_i‖² + ‖x_j‖² − 2 x_i·x_j = ‖x_i − x_j‖².
     q = norms.astype(np.float32)
     left = np.empty((n, dim + 2), dtype=np.float32)
@@ -253,22 +262,30 @@ class _CandidateScan:
     def __init__(self, left: np.ndarray, right: np.ndarray, thr: np.ndarray, order: np.ndarray,
                  vectors: np.ndarray, k: int):
         self.left, self.right, self.thr, self.order, self.k = left, right, thr, order, k
-        self.vectors = vectors  # float32, in word order
+        self.vectors = vectors[order]  # float32 in position order: a block's own rows are adjacent
         n = left.shape[0]
         self.n = n
         self.blocks = [(s, min(s + BLOCK, n)) for s in range(0, n, BLOCK)]
         # Per block: pending (owner position, neighbour position) pairs, and the best k so far.
         self.pending: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in self.blocks]
         self.pending_size = [0] * len(self.blocks)
-        self.best_ids = np.full((n, k), -1, dtype=np.int32)  # original word ids
+        # The best k so far, rows indexed by word id (the final table, filled in place).
+        self.best_ids = np.full((n, k), -1, dtype=np.int32)
         self.best_dist = np.full((n, k), np.inf, dtype=np.float64)
         self.total_candidates = 0
+        self._local = threading.local()
 
     def _pair(self, bi: int, bj: int) -> tuple[int, np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
         (i0, i1), (j0, j1) = self.blocks[bi], self.blocks[bj]
-        d = self.left[i0:i1] @ self.right[j0:j1].T  # D̃, squared distances in float32
-        width = j1 - j0
-        flat = np.flatnonzero(d <= self.thr[None, j0:j1])
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:  # one distance block and one mask per thread, reused
+            buffers = self._local.buffers = (np.empty(BLOCK * BLOCK, np.float32), np.empty(BLOCK * BLOCK, bool))
+        height, width = i1 - i0, j1 - j0
+        d = buffers[0][: height * width].reshape(height, width)
+        mask = buffers[1][: height * width].reshape(height, width)
+        np.matmul(self.left[i0:i1], self.right[j0:j1].T, out=d)  # D̃: squared distances, float32
+        np.less_equal(d, self.thr[None, j0:j1], out=mask)
+        flat = np.flatnonzero(mask)
         r = (flat // width).astype(np.int32) + i0
         c = (flat % width).astype(np.int32) + j0
         if bi == bj:  # the diagonal block holds both orders of each pair: one direction suffices
@@ -312,11 +329,13 @@ class _CandidateScan:
         if not self.pending[block]:
             return
         owners = np.concatenate([o for o, _ in self.pending[block]])
-        nbrs = self.order[np.concatenate([c for _, c in self.pending[block]])].astype(np.int32)
+        positions = np.concatenate([c for _, c in self.pending[block]])
         self.pending[block], self.pending_size[block] = [], 0
         lo, hi = self.blocks[block]
-        dist = pair_distances(self.vectors, self.order[owners], nbrs)
-        best_ids, best_dist = self.best_ids[lo:hi], self.best_dist[lo:hi]
+        dist = pair_distances(self.vectors, owners, positions)
+        nbrs = self.order[positions].astype(np.int32)
+        words = self.order[lo:hi]
+        best_ids, best_dist = self.best_ids[words], self.best_dist[words]
         held = best_ids >= 0
         local = np.concatenate([np.nonzero(held)[0], owners - lo]).astype(np.uint16)
         nbrs = np.concatenate([best_ids[held], nbrs])
@@ -335,12 +354,11 @@ class _CandidateScan:
         sel = rank < self.k
         best_ids[local[sel], rank[sel]] = nbrs[sel]
         best_dist[local[sel], rank[sel]] = dist[sel]
+        self.best_ids[words], self.best_dist[words] = best_ids, best_dist
 
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
         if (self.best_ids < 0).any():
             # Impossible by construction (each row's K bounding words pass its threshold); a
             # failure here is a bug, and a wrong table must never be written.
             raise RuntimeError("neighbour table scan found fewer than K candidates for a word")
-        inverse = np.empty_like(self.order)
-        inverse[self.order] = np.arange(self.n)
-        return self.best_ids[inverse], self.best_dist[inverse]
+        return self.best_ids, self.best_dist

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SMALL_DEFAULT_VOCAB
 
 from privtext.embeddings import EmbeddingSource
 from privtext.errors import IndexCacheError
@@ -94,8 +95,14 @@ def _foreign_vectors(version: Path) -> None:
     np.save(path, vectors[::-1].copy())  # same size, shape and dtype; rows of another order
 
 
+def _remove_version(version: Path) -> None:
+    import shutil
+
+    shutil.rmtree(version)
+
+
 @pytest.mark.parametrize("damage", [_swap_two_words, _truncate_npy, _remove_faiss, _garbage_manifest,
-                                    _edited_manifest, _foreign_vectors])
+                                    _edited_manifest, _foreign_vectors, _remove_version])
 def test_damaged_cache_is_an_error_naming_the_fix(built, damage) -> None:  # type: ignore[no-untyped-def]
     spec, cache, index = built
     damage(index.path)
@@ -309,15 +316,22 @@ print(res.built, res.reason, writes.count("read-source"))
 
 # --- opening stays light ------------------------------------------------------------------
 
-def test_opening_imports_neither_gensim_scipy_nor_faiss(built) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("source", ["file", "default"])
+def test_opening_imports_neither_gensim_scipy_nor_faiss(built, glove_small, cache_root, source) -> None:  # type: ignore[no-untyped-def]
     spec, cache, _index = built
+    if source == "default":  # the packaged GloVe (conftest builds it at 2000 words)
+        opening = f"IndexSpec(EmbeddingSource(), {SMALL_DEFAULT_VOCAB}, 64), Path({str(cache_root)!r})"
+    else:
+        opening = f"IndexSpec(EmbeddingSource({spec.source.spec!r}, 'glove'), None, 16), Path({str(cache)!r})"
     result = _run(f"""
 import sys
 from pathlib import Path
 import numpy as np
 from privtext.embeddings import EmbeddingSource
 from privtext.index import IndexSpec, ensure_index
-ix = ensure_index(IndexSpec(EmbeddingSource({spec.source.spec!r}, "glove"), None, 16), Path({str(cache)!r})).index
+res = ensure_index({opening})
+assert not res.built
+ix = res.index
 ix.word_to_id, np.asarray(ix.neighbor_dist).sum(), ix.identity()
 heavy = sorted(m for m in ("gensim", "scipy", "faiss") if m in sys.modules)
 ix.faiss_index

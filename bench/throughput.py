@@ -314,6 +314,51 @@ def faiss_flat_qps(vocab: int, batch: int = 8192) -> float:
     return batch / (time.perf_counter() - start)
 
 
+class _TimedMechanism:
+    """Delegates to a real mechanism and adds up the time spent in perturb_ids."""
+
+    def __init__(self, mechanism: object):
+        self.mechanism = mechanism
+        self.seconds = 0.0
+
+    def perturb_ids(self, ids: object, rng: object) -> object:
+        start = time.process_time()
+        try:
+            return self.mechanism.perturb_ids(ids, rng)  # type: ignore[attr-defined]
+        finally:
+            self.seconds += time.process_time() - start
+
+
+def in_process_split(corpus: Path, mechanism: str, epsilon: float, vocab: int, chunk: int = 1000) -> dict[str, float]:
+    """One core, in this process: words per CPU-second of the text path (TextPerturber without
+    its mechanism call) and of the mechanism alone, over the corpus in chunks of `chunk` records."""
+    import numpy as np
+
+    from privtext.embeddings import EmbeddingSource
+    from privtext.index import IndexSpec, ensure_index
+    from privtext.mechanisms import create
+    from privtext.text import TextPerturber
+
+    index = ensure_index(IndexSpec(EmbeddingSource(), vocab, 64), None, progress=False).index
+    real = create(mechanism, index, epsilon, {})
+    real.prepare()
+    timed_mechanism = _TimedMechanism(real)
+    perturber = TextPerturber(index, timed_mechanism, "mask")  # type: ignore[arg-type]
+    texts = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()]
+    perturber.perturb_texts(texts[:10], np.random.default_rng(0))  # first-call set-up
+    timed_mechanism.seconds = 0.0
+    words = 0
+    start = time.process_time()
+    for i in range(0, len(texts), chunk):
+        _, counters = perturber.perturb_texts(texts[i : i + chunk], np.random.default_rng(i))
+        words += counters.word_tokens
+    total = time.process_time() - start
+    text_seconds = total - timed_mechanism.seconds
+    return {"words": words, "text_path_words_per_cpu_second": round(words / text_seconds),
+            "mechanism_words_per_cpu_second": round(words / max(timed_mechanism.seconds, 1e-9)),
+            "both_words_per_cpu_second": round(words / total)}
+
+
 def startup(env: dict[str, str], vocab: int, runs: int) -> dict[str, float]:
     """Median launch-to-first-output seconds for a one-record input, warm cache and page cache."""
     one = OUT / "one-record.jsonl"
@@ -410,6 +455,13 @@ def main() -> None:
                 limits.append({"corpus": corpus_name, "what": what, "words": words,
                                "words_per_second": round(words / seconds)})
                 print(f"{corpus_name:<6} {what:<30} {words:>10,} words {words / seconds:>12,.0f} words/s", flush=True)
+        for corpus_name in corpora_names:
+            path, _ = corpora.file(corpus_name)
+            split = in_process_split(path, "gumbel", CASES["gumbel"][0], args.vocab_size)
+            limits.append({"corpus": corpus_name, "what": "in-process split, gumbel", **split})
+            print(f"{corpus_name:<6} one core in process: text path {split['text_path_words_per_cpu_second']:>12,} "
+                  f"words/cpu-s, gumbel mechanism {split['mechanism_words_per_cpu_second']:>12,}, "
+                  f"both {split['both_words_per_cpu_second']:>12,}", flush=True)
         qps = faiss_flat_qps(args.vocab_size)
         limits.append({"what": "faiss flat search, one core", "queries_per_second": round(qps)})
         print(f"FAISS flat search at {args.vocab_size:,} words, one core: {qps:,.0f} queries/s", flush=True)

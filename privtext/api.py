@@ -162,9 +162,11 @@ class Anonymizer:
         with self._lock:
             return Counters.from_dict(self._counters.to_dict())
 
-    def report(self, run_info: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The epsilon report of everything this object perturbed so far."""
-        from privtext.report import build_report
+    def report(self, run_info: dict[str, Any] | None = None, risk: bool = False) -> dict[str, Any]:
+        """The epsilon report of everything this object perturbed so far. `risk=True` adds the
+        attack-success section (computed once per index and mechanism, then cached with the
+        index), as `privtext perturb` does by default."""
+        from privtext.report import attack_success_section, build_report
 
         with self._lock:
             info: dict[str, Any] = {
@@ -174,6 +176,8 @@ class Anonymizer:
                 "engine": {"name": "library"},
                 "input": {"streams": len(self._used)},
             }
+        if risk:
+            info["attack_success"] = attack_success_section(self.mechanism)
         info.update(run_info or {})
         return build_report(self.spec, self.counters, info)
 

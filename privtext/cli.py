@@ -131,7 +131,8 @@ def _parse_param_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
 
 # The perturb options that a --config file may also set: given on the command line, a flag wins.
 _SETTING_OPTIONS = ("mechanism", "epsilon", "field", "oov", "mask_token", "on_error", "chunk_size",
-                    "workers", "embeddings", "embeddings_format", "vocab_size", "neighbors")
+                    "workers", "embeddings", "embeddings_format", "vocab_size", "neighbors",
+                    "max_rows_per_file")
 
 
 @cli.command()
@@ -168,6 +169,8 @@ _SETTING_OPTIONS = ("mechanism", "epsilon", "field", "oov", "mask_token", "on_er
 @click.option("--resume", is_flag=True,
               help="Continue a killed or failed run of the same command from its last committed "
                    "chunk (and keep the finished part if this run fails too).")
+@click.option("--max-rows-per-file", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Parquet output: write files of at most N rows (OUT-00000.parquet, ...).")
 @click.option("--risk/--no-risk", "with_risk", default=True, show_default=True,
               help="Put the attack-success figure in the report (computed once per index, "
                    "mechanism, ε and params, then cached with the index).")
@@ -185,12 +188,18 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
             search: str | None, embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
             cache_dir: Path | None, trust_pickle: bool, workers: int, chunk_size: int,
             seed: str | None, oov: str, mask_token: str, on_error: str, report_path: str | None,
-            resume: bool, with_risk: bool, quiet: bool, engine: str, engine_address: str | None) -> None:
-    """Perturb the text of a JSONL, Parquet or text corpus and write an epsilon report."""
+            resume: bool, max_rows_per_file: int | None, with_risk: bool, quiet: bool, engine: str,
+            engine_address: str | None) -> None:
+    """Perturb the text of a JSONL, Parquet or text corpus and write an epsilon report.
+
+    INPUT may be a directory or a quoted glob of shards ('data/*.jsonl.gz'): then -o names a
+    directory and each input shard gets an output shard with the same relative name."""
     from privtext import report as report_mod
     from privtext.mechanisms import get
-    from privtext.run.outputs import write_text_atomic
-    from privtext.run.perturb import execute, plan_run, signals_as_interrupts
+    from privtext.run.executor import mp_context, signals_as_interrupts
+    from privtext.run.outputs import refuse_inputs, resolve_output, write_text_atomic
+    from privtext.run.perturb import execute, plan_run, single_chunk
+    from privtext.run.shards import check_out_dir, find_shards, is_sharded, run_shards
     from privtext.settings import PerturbSettings, load_config
 
     given = dict(ctx.params, format=fmt)
@@ -224,29 +233,46 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
         if resume:
             raise UsageError("--resume works with --engine local only; rerun the engine job instead")
     else:
-        plan = plan_run(list(inputs), output, settings, report=report_path, resume=resume)
+        sharded = is_sharded(list(inputs))
+        if sharded:
+            shards = find_shards(list(inputs), settings)  # no shard found: fail before the index
+            check_out_dir(output, shards)
+            if report_path:
+                refuse_inputs(resolve_output(report_path, "report"), [str(s.source) for s in shards],
+                              "report")
+        else:
+            plan = plan_run(list(inputs), output, settings, report=report_path, resume=resume)
+        if settings.effective_workers() > 1 and (sharded or not single_chunk(plan)):
+            # The fork server preloads numpy, FAISS and privtext while this process opens the index.
+            mp_context()
     with signals_as_interrupts():
         result = _open_index(settings.embeddings, settings.embeddings_format, settings.vocab_size,
                              settings.neighbors, cache_dir, trust_pickle, quiet=quiet)
         if engine != "local":
             from privtext.api import Anonymizer
-            from privtext.engines.shards import run_shards
+            from privtext.engines.shards import run_shards as run_engine_shards
 
             anon = Anonymizer(settings.mechanism, epsilon=settings.epsilon, params=settings.params,
                               oov=settings.oov.value, mask_token=settings.mask_token, seed=seed,
                               index=result.index)
-            report = run_shards(engine, list(inputs), output, anon, settings.field, fmt_name,
-                                engine_address, settings.effective_workers())
+            report = run_engine_shards(engine, list(inputs), output, anon, settings.field, fmt_name,
+                                       engine_address, settings.effective_workers())
+            report["attack_success"] = (report_mod.attack_success_section(anon.mechanism) if with_risk
+                                        else {"skipped": "left out with --no-risk; privtext risk computes it"})
             if report_path:
                 write_text_atomic(report_path, report_mod.to_json(report), list(inputs), "report")
             if not quiet:
                 click.echo(report_mod.summary(report), err=True, nl=False)
             return
         try:
-            outcome = execute(plan, result.index, progress=False if quiet else None, notify=note)
+            if sharded:
+                outcome = run_shards(list(inputs), output, settings, result.index, resume=resume,
+                                     progress=False if quiet else None, notify=note)
+            else:
+                outcome = execute(plan, result.index, progress=False if quiet else None, notify=note)
         except BrokenPipeError:
             raise _PipeClosed() from None
-    report = report_mod.build_report(outcome, risk=with_risk)
+    report = report_mod.build_report(outcome, risk=with_risk, notify=note)
     if report_path:
         write_text_atomic(report_path, report_mod.to_json(report), list(inputs), "report")
     if not quiet:
@@ -333,9 +359,10 @@ def main() -> None:
     except OSError as exc:
         if debug:
             raise
-        click.echo(f"Error: {exc.strerror or exc}"
-                   + (f": {exc.filename}" if exc.filename else "")
-                   + "; check the path, permissions and free space", err=True)
+        from privtext.run.outputs import describe_os_error
+
+        where = f" ({exc.filename})" if exc.filename else ""
+        click.echo(f"Error{where}: {describe_os_error(exc)}", err=True)
         sys.exit(1)
     except Exception as exc:
         if debug:
@@ -632,6 +659,7 @@ def audit_cmd(mechanism: str, epsilon: float, param_pairs: tuple[str, ...], embe
     index = _open_index(embeddings, embeddings_format, vocab_size, neighbors, cache_dir,
                         trust_pickle, quiet=quiet).index
     mech = create(mechanism, index, epsilon, _parse_param_pairs(param_pairs))
+    _warn_guarantee(mech, quiet)
     mech.prepare()
     rng = chunk_rng(run_key(seed), 0, 0)
     if words is not None:

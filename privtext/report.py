@@ -7,6 +7,7 @@ public identity and geometry, counts and timings.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -54,12 +55,18 @@ def document_bound_stats(doc_hist: np.ndarray, per_token_bound: float | None) ->
     return stats
 
 
-def attack_success_section(mechanism: Any) -> dict[str, Any]:
+def attack_success_section(mechanism: Any, notify: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The §10 figure for the run's mechanism (uniform and zipf priors), cached with the index:
-    computed once per (index, mechanism, ε, params), then read back."""
+    computed once per (index, mechanism, ε, params), then read back. `notify` hears one line
+    when the figure is computed rather than read back (the first time can take a minute)."""
     from privtext.risk import PRIORS, cached_attack_success
 
-    results = cached_attack_success(mechanism, PRIORS)
+    def announce() -> None:
+        if notify is not None:
+            notify("computing the attack-success figure for the report (once per index, "
+                   "mechanism, ε and params, then cached; --no-risk skips it)")
+
+    results = cached_attack_success(mechanism, PRIORS, on_compute=announce)
     out: dict[str, Any] = {}
     for prior, r in results.items():
         d = r.to_dict()
@@ -75,7 +82,8 @@ def attack_success_section(mechanism: Any) -> dict[str, Any]:
 
 
 def build_report(spec: RunSpec | Any, counters: Counters | dict[str, Any] | None = None,
-                 run_info: dict[str, Any] | None = None, *, risk: bool = True) -> dict[str, Any]:
+                 run_info: dict[str, Any] | None = None, *, risk: bool = True,
+                 notify: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The epsilon report of a run from its spec, its merged counters and how it ran.
 
     The one report builder: the CLI, the library (`Anonymizer.report()`) and the engines all call
@@ -88,7 +96,7 @@ def build_report(spec: RunSpec | Any, counters: Counters | dict[str, Any] | None
     Called with a single `PerturbOutcome` (the former signature), it builds the CLI's report.
     """
     if counters is None and hasattr(spec, "settings") and hasattr(spec, "mechanism"):
-        return report_from_outcome(spec, risk=risk)
+        return report_from_outcome(spec, risk=risk, notify=notify)
     if counters is None:
         counters = Counters()
     c = counters if isinstance(counters, Counters) else Counters.from_dict(counters)
@@ -163,7 +171,8 @@ def build_report(spec: RunSpec | Any, counters: Counters | dict[str, Any] | None
     return report
 
 
-def report_from_outcome(outcome: PerturbOutcome, risk: bool = True) -> dict[str, Any]:
+def report_from_outcome(outcome: PerturbOutcome, risk: bool = True,
+                        notify: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The CLI's report: the same core as every other caller, fed from a finished local run."""
     settings = outcome.settings
     spec = RunSpec.from_mechanism(outcome.mechanism, OovPolicy(settings.oov).value, settings.mask_token,
@@ -179,6 +188,7 @@ def report_from_outcome(outcome: PerturbOutcome, risk: bool = True) -> dict[str,
             "field": None if outcome.fmt == "text" else settings.field,
             "chunk_size": settings.chunk_size,
             "workers": outcome.workers,
+            **({"shards": outcome.shards} if getattr(outcome, "shards", None) is not None else {}),
         },
         "run": {
             "resumed": outcome.resumed is not None,
@@ -186,7 +196,7 @@ def report_from_outcome(outcome: PerturbOutcome, risk: bool = True) -> dict[str,
         },
     }
     if risk:
-        run_info["attack_success"] = attack_success_section(outcome.mechanism)
+        run_info["attack_success"] = attack_success_section(outcome.mechanism, notify)
     else:
         run_info["attack_success"] = {"skipped": "left out with --no-risk; privtext risk computes it"}
     return build_report(spec, outcome.counters, run_info)

@@ -20,11 +20,13 @@ How V is computed:
   weighted by π(x) and reduced into a running column maximum; an n × n matrix is never held.
   Blocks run on `threads` threads (numpy releases the GIL; BLAS is kept to one thread each).
 * Monte-Carlo (`method: "monte-carlo"`) otherwise (laplace, mahalanobis, vickrey, gumbel): a
-  held-out MAP guesser. `draws_per_word` outputs of every vocabulary word estimate P̂[y|x]; the
-  guesser g(y) = argmax_x π(x)·P̂[y|x] is then fixed (an output never seen in training is guessed
-  as itself). Its success Σ_x π(x)·P[g(M(x)) = x] is measured on `test_draws` fresh draws with
-  x ~ π, which were not used to build g: k successes in N trials estimate V_g ≤ V without bias,
-  with a Clopper–Pearson 95 % interval. It is a lower bound on V (any fixed guesser is), not an
+  held-out guesser. `draws_per_word` outputs of every vocabulary word estimate P̂[y|x] and give
+  the MAP guesser g(y) = argmax_x π(x)·P̂[y|x] (an output never seen in training guessed as
+  itself, or as the likeliest word); with the identity and the constant guess argmax π (which
+  attains the baseline) these are the candidates. Half of `test_draws` fresh draws with x ~ π
+  pick the best candidate; `test_draws` further draws measure it: k successes in N trials
+  estimate V_g ≤ V without bias (neither the guesser nor the pick saw them), with a
+  Clopper–Pearson 95 % interval. It is a lower bound on V (any fixed guesser is), not an
   estimate of V itself: the plug-in Σ_y max_x π(x)·P̂[y|x] on the training draws would be biased
   upwards and is not reported.
 
@@ -38,7 +40,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -235,18 +237,34 @@ def _perturb_many(mechanism: Mechanism, ids: np.ndarray, rng: np.random.Generato
     return out
 
 
-def _map_guesser(n: int, train_x: np.ndarray, train_y: np.ndarray, pi: np.ndarray) -> np.ndarray:
-    """g[y] = argmax_x π(x)·count(x → y) over the training draws (every word drew equally often);
-    an output never seen is guessed as itself; ties prefer x = y."""
+def _map_guesser(n: int, train_x: np.ndarray, train_y: np.ndarray, pi: np.ndarray,
+                 unseen: np.ndarray) -> np.ndarray:
+    """g[y] = argmax_x π(x)·count(x → y) over the training draws (every word drew equally often;
+    ties prefer x = y); an output never seen in training gets unseen[y]."""
     keys, counts = np.unique(train_y * n + train_x, return_counts=True)
     y, x = keys // n, keys % n
     score = pi[x] * counts * (1.0 + 1e-9 * (x == y))
     order = np.lexsort((-score, y))  # by y, best score first
     first = np.ones(len(order), dtype=bool)
     first[1:] = y[order][1:] != y[order][:-1]
-    guess = np.arange(n, dtype=np.int64)
+    guess = np.asarray(unseen, dtype=np.int64).copy()
     guess[y[order][first]] = x[order][first]
     return guess
+
+
+def candidate_guessers(n: int, train_x: np.ndarray, train_y: np.ndarray,
+                       pi: np.ndarray) -> dict[str, np.ndarray]:
+    """Fixed guessers (output → guessed input) built from the training draws and the prior only:
+    the trained MAP guesser with two fallbacks for unseen outputs, the identity, and the constant
+    guess argmax π (which alone attains the baseline)."""
+    identity = np.arange(n, dtype=np.int64)
+    constant = np.full(n, int(np.argmax(pi)), dtype=np.int64)
+    return {
+        "map (unseen: itself)": _map_guesser(n, train_x, train_y, pi, identity),
+        "map (unseen: most likely word)": _map_guesser(n, train_x, train_y, pi, constant),
+        "identity": identity,
+        "most likely word": constant,
+    }
 
 
 def clopper_pearson(k: int, trials: int, level: float = CONFIDENCE) -> tuple[float, float]:
@@ -258,25 +276,39 @@ def clopper_pearson(k: int, trials: int, level: float = CONFIDENCE) -> tuple[flo
     return lo, hi
 
 
+def _draw_inputs(pi: np.ndarray, prior: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    n = len(pi)
+    if prior == "uniform":
+        return rng.integers(0, n, size=size, dtype=np.int64)
+    return np.minimum(np.searchsorted(np.cumsum(pi), rng.random(size), side="right"), n - 1)
+
+
 def monte_carlo(mechanism: Mechanism, priors: dict[str, np.ndarray], rng: np.random.Generator,
                 draws_per_word: int = DEFAULT_DRAWS_PER_WORD,
                 test_draws: int = DEFAULT_TEST_DRAWS) -> dict[str, tuple[float, tuple[float, float], int]]:
-    """{prior: (k/N, Clopper–Pearson interval, draws used)} for the held-out MAP guesser."""
+    """{prior: (k/N, Clopper–Pearson interval, draws used)} for a held-out guesser.
+
+    Three independent sets of draws: training (every word `draws_per_word` times) builds the
+    candidate guessers; a validation set (x ~ π, half of `test_draws`) picks the best of them;
+    the test set (x ~ π, `test_draws`) measures the pick. Neither choice saw the test draws, so
+    k/N estimates the pick's success, a lower bound on V, without bias."""
     if draws_per_word < 1 or test_draws < 1:
         raise UsageError("--draws-per-word and --test-draws must be at least 1")
     n = mechanism.index.n
     train_x = np.repeat(np.arange(n, dtype=np.int64), draws_per_word)
     train_y = _perturb_many(mechanism, train_x, rng)
+    validation_draws = max(1, test_draws // 2)
     out = {}
     for name, pi in priors.items():
-        guess = _map_guesser(n, train_x, train_y, pi)
-        if name == "uniform":
-            test_x = rng.integers(0, n, size=test_draws, dtype=np.int64)
-        else:
-            test_x = np.minimum(np.searchsorted(np.cumsum(pi), rng.random(test_draws), side="right"), n - 1)
+        guessers = candidate_guessers(n, train_x, train_y, pi)
+        val_x = _draw_inputs(pi, name, validation_draws, rng)
+        val_y = _perturb_many(mechanism, val_x, rng)
+        best = max(guessers.values(), key=lambda g: int((g[val_y] == val_x).sum()))
+        test_x = _draw_inputs(pi, name, test_draws, rng)
         test_y = _perturb_many(mechanism, test_x, rng)
-        k = int((guess[test_y] == test_x).sum())
-        out[name] = (k / test_draws, clopper_pearson(k, test_draws), len(train_x) + test_draws)
+        k = int((best[test_y] == test_x).sum())
+        out[name] = (k / test_draws, clopper_pearson(k, test_draws),
+                     len(train_x) + validation_draws + test_draws)
     return out
 
 
@@ -330,7 +362,8 @@ def cache_key(mechanism: Mechanism, priors: Sequence[str], draws_per_word: int,
 
 def cached_attack_success(mechanism: Mechanism, priors: Sequence[str] = PRIORS,
                           draws_per_word: int = DEFAULT_DRAWS_PER_WORD,
-                          test_draws: int = DEFAULT_TEST_DRAWS) -> dict[str, RiskResult]:
+                          test_draws: int = DEFAULT_TEST_DRAWS,
+                          on_compute: Callable[[], None] | None = None) -> dict[str, RiskResult]:
     """`attack_success`, computed once per (index, mechanism, ε, params, draws) and cached with
     the index as a derived artifact. The Monte-Carlo stream is seeded from that key (public data
     only: vocabulary words of the public embedding), so the cached figure is well defined."""
@@ -339,6 +372,8 @@ def cached_attack_success(mechanism: Mechanism, priors: Sequence[str] = PRIORS,
     fresh: dict[str, RiskResult] = {}
 
     def build(_: EmbeddingIndex) -> np.ndarray:
+        if on_compute is not None:  # e.g. a one-line notice: the first time can take a minute
+            on_compute()
         fresh.update(attack_success(mechanism, priors, np.random.default_rng(seed),
                                     draws_per_word, test_draws))
         return np.array([[r.attack_success, r.interval[0], r.interval[1], r.draws, r.seconds,

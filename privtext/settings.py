@@ -42,7 +42,7 @@ EMBEDDINGS_FORMATS = ("auto", "glove", "word2vec", "word2vec-bin", "fasttext-vec
 DEFAULT_CHUNK_SIZE = 1000
 # A chunk also ends once it holds this many bytes, so a chunk of long records does not hold
 # chunk_size of them in memory at once: memory follows the largest record, not the chunk size.
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 1 << 20
 
 
 def default_workers() -> int:
@@ -71,6 +71,7 @@ class PerturbSettings:
     embeddings_format: str = "auto"
     vocab_size: int = 100_000
     neighbors: int = 64
+    max_rows_per_file: int | None = None  # Parquet output: split into files of at most N rows
 
     def __post_init__(self) -> None:
         # Library callers may pass plain strings and ints; coerce them exactly as the CLI does.
@@ -129,6 +130,7 @@ class PerturbSettings:
             "params": {k: str(v) for k, v in sorted(self.params.items())},
             "field": self.field, "oov": self.oov.value, "mask_token": self.mask_token,
             "on_error": self.on_error.value, "chunk_size": self.chunk_size, "chunk_bytes": CHUNK_BYTES,
+            "max_rows_per_file": self.max_rows_per_file,
         }
 
 
@@ -204,6 +206,13 @@ def _float(key: str, value: Any, origin: str) -> float:
     return number
 
 
+def _optional(inner: Callable[[str, Any, str], Any]) -> Callable[[str, Any, str], Any]:
+    def coerce(key: str, value: Any, origin: str) -> Any:
+        return None if value is None else inner(key, value, origin)
+
+    return coerce
+
+
 def _enum(enum: type[Enum]) -> Callable[[str, Any, str], Any]:
     choices = [e.value for e in enum]  # type: ignore[attr-defined]
 
@@ -271,6 +280,7 @@ _COERCE: dict[str, Callable[[str, Any, str], Any]] = {
     "embeddings_format": _choice(EMBEDDINGS_FORMATS),
     "vocab_size": _int(2),
     "neighbors": _int(2),
+    "max_rows_per_file": _optional(_int(1)),
 }
 
 # Keys a config file may set (the seed is a command-line matter: a config is often shared).

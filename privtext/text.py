@@ -17,6 +17,7 @@ UPPER).
 from __future__ import annotations
 
 import codecs
+import threading
 import unicodedata
 from dataclasses import dataclass
 from enum import Enum
@@ -253,18 +254,22 @@ class _Vocabulary:
         self.lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
         self.offsets = np.cumsum(self.lengths) - self.lengths
         self.size = int(self.lengths.sum())
-        self.buffer = np.empty(0, dtype=np.uint32)
+        # One buffer per thread: a perturber shared by threads (an engine's executor, a library
+        # user's thread pool) must not have two chunks written into the same scratch space.
+        self._local = threading.local()
 
     def with_chunk(self, chunk: np.ndarray, pool: np.ndarray) -> np.ndarray:
-        """The buffer holding the vocabulary, then `chunk` at `self.size`, then `pool`."""
+        """This thread's buffer holding the vocabulary, then `chunk` at `self.size`, then `pool`."""
         needed = self.size + len(chunk) + len(pool)
-        if len(self.buffer) < needed:
+        buffer: np.ndarray | None = getattr(self._local, "buffer", None)
+        if buffer is None or len(buffer) < needed:
             # Grown geometrically and kept, so steady state copies only the chunk and the pool.
-            self.buffer = np.empty(max(needed, 2 * len(self.buffer)), dtype=np.uint32)
-            self.buffer[: self.size] = _utf32("".join(self.words))
-        self.buffer[self.size : self.size + len(chunk)] = chunk
-        self.buffer[self.size + len(chunk) : needed] = pool
-        return self.buffer
+            buffer = np.empty(max(needed, 2 * (0 if buffer is None else len(buffer))), dtype=np.uint32)
+            buffer[: self.size] = _utf32("".join(self.words))
+            self._local.buffer = buffer
+        buffer[self.size : self.size + len(chunk)] = chunk
+        buffer[self.size + len(chunk) : needed] = pool
+        return buffer
 
 
 class TextPerturber:
@@ -281,10 +286,6 @@ class TextPerturber:
         self._nfc_aliases = False
         self._vocab: _Vocabulary | None = None
         self._cased: dict[int, str] = {}
-
-    @property
-    def _words(self) -> list[str]:
-        return self._index.words
 
     def _vocabulary(self) -> _Vocabulary:
         if self._vocab is None:
@@ -415,13 +416,13 @@ class TextPerturber:
         key can need this, so an ASCII corpus never pays for the check."""
         if self._nfc_aliases:
             return
-        self._nfc_aliases = True
         if not unicodedata.is_normalized("NFC", "\n".join(self._table)):
             table = dict(self._table)
             for word, i in self._table.items():
                 table.setdefault(unicodedata.normalize("NFC", word), i)
             self._table = table
             self._lookup = table.get
+        self._nfc_aliases = True  # last: another thread never sees the flag before the table
 
     def _spelled(self, variant: int) -> str:
         """The vocabulary word `variant // 3` in case pattern `variant % 3`, cached."""

@@ -336,3 +336,20 @@ def test_limit_threads_sets_and_restores_faiss_and_blas() -> None:
     assert current_limits()["faiss"] == 2
     with pytest.raises(UsageError, match="at least 1"):
         privtext.limit_threads(0)
+
+
+def test_report_with_risk_adds_the_attack_success_section(anon: Anonymizer) -> None:
+    anon.perturb(TEXTS, stream=0)
+    assert "skipped" in anon.report()["attack_success"]
+    risk = anon.report(risk=True)["attack_success"]
+    assert set(risk) >= {"uniform", "zipf"} and 0 <= risk["uniform"]["attack_success"] <= 1
+
+
+def test_fork_shares_the_index_but_not_streams_or_counters(anon: Anonymizer) -> None:
+    twin = anon.fork()
+    assert twin.index is anon.index and twin.mechanism is anon.mechanism
+    assert twin.perturb([LONG], stream=(4, 4)) == anon.perturb([LONG], stream=(4, 4))
+    with pytest.raises(UsageError, match="pass stream="):
+        twin.perturb([LONG])
+    twin.perturb([LONG], stream=(4, 5))
+    assert twin.counters.records == 2 and anon.counters.records == 1

@@ -353,6 +353,40 @@ def test_registered_mechanisms_all_have_an_example_config() -> None:
     assert {c.stem for c in CONFIGS} == set(available())
 
 
+def test_parquet_from_stdin_to_stdout(tmp_path: Path, env: dict[str, str]) -> None:
+    import io
+
+    table = pa.table({"id": list(range(50)), "text": pa.array(["the market fell"] * 50).dictionary_encode()})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=20)
+    proc = run(env, "perturb", "--format", "parquet", "--epsilon", "300", "-q", *VOCAB, stdin=buffer.getvalue())
+    result = pq.read_table(pa.BufferReader(proc.stdout))
+    assert result.schema.equals(table.schema) and result.column("id").equals(table.column("id"))
+    meta = pq.ParquetFile(pa.BufferReader(proc.stdout)).metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [20, 20, 10]
+
+
+def test_jsonl_bytes_outside_the_field_are_kept_exactly(tmp_path: Path, env: dict[str, str]) -> None:
+    lines = [
+        b'{"n":123456789012345678901234567890, "f": 1e400,  "text" :"the market fell", "e":"\\u00e9\\/"}\n',
+        b'{"text": "the team won", "text": "the city fell", "k": [1.50, -0.0]}\r\n',
+        b'   \n',
+        b'{"meta": {"text": "inner"}, "text": "a \\ud800 lone surrogate"}\n',
+    ]
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(lines))
+    proc = run(env, "perturb", str(src), "--epsilon", "1", "--mechanism", "laplace", "--on-error", "keep",
+               "-q", *VOCAB)
+    out = proc.stdout.split(b"\n")
+    first = out[0]
+    assert first.startswith(b'{"n":123456789012345678901234567890, "f": 1e400,  "text" :"')
+    assert first.endswith(b'", "e":"\\u00e9\\/"}')
+    second = out[1]
+    assert second.startswith(b'{"text": "') and second.endswith(b'", "k": [1.50, -0.0]}\r')
+    assert second.count(b'"text": ') == 2
+    assert out[2] == b"   " and out[3] == lines[3].rstrip(b"\n")  # blank kept; the bad record kept as is
+
+
 def test_search_hnsw_option_reports_recall(tmp_path: Path, env: dict[str, str]) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", RECORDS)
     report = tmp_path / "report.json"

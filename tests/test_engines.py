@@ -18,7 +18,7 @@ import pytest
 
 from privtext.api import Anonymizer
 from privtext.counters import Counters
-from privtext.errors import InputTypeError, UsageError
+from privtext.errors import IndexCacheError, InputTypeError, UsageError
 
 pytestmark = pytest.mark.engine
 
@@ -137,6 +137,25 @@ def test_spark_refuses_a_missing_or_non_text_column(spark, glove_small) -> None:
         perturb_dataframe(df, "id", anon)
 
 
+def _moved_cache_anonymizer(glove_small, tmp_path: Path) -> Anonymizer:  # type: ignore[no-untyped-def]
+    """An Anonymizer whose cache left the driver's path after it was opened (as on an executor
+    that has no shared filesystem)."""
+    cache = tmp_path / "cache"
+    shutil.copytree(glove_small.path, cache)
+    anon = Anonymizer("gumbel", epsilon=300, index=cache)
+    cache.rename(tmp_path / "gone")
+    return anon
+
+
+def test_spark_executor_without_the_cache_fails_in_one_line_naming_the_fix(spark, glove_small, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from privtext.engines.spark import perturb_dataframe
+
+    df = spark.createDataFrame(TABLE.to_pandas()).coalesce(1)
+    with pytest.raises(IndexCacheError, match=r"is not on this machine.*ship_index=True") as info:
+        perturb_dataframe(df, "text", _moved_cache_anonymizer(glove_small, tmp_path))
+    assert "\n" not in str(info.value)
+
+
 # --- Ray ------------------------------------------------------------------------------------------
 
 
@@ -189,6 +208,15 @@ def test_ray_is_reproducible_keyed_by_block_and_shipping_gives_the_same_output(r
     assert outputs[0].column("text").to_pylist()[: first_block.num_rows] == local.column("text").to_pylist()
 
 
+def test_ray_actor_without_the_cache_fails_in_one_line_naming_the_fix(ray_local, glove_small, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from privtext.engines.ray import perturb_dataset
+
+    ds = ray_local.data.from_arrow(TABLE)
+    with pytest.raises(IndexCacheError, match=r"is not on this machine.*ship_index=True") as info:
+        perturb_dataset(ds, "text", _moved_cache_anonymizer(glove_small, tmp_path))
+    assert "\n" not in str(info.value)
+
+
 # --- the CLI over a directory of shards ------------------------------------------------------------
 
 
@@ -212,34 +240,34 @@ def _cli(cache_root: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("engine", ["spark", "ray"])
-def test_cli_engine_reads_shard_directories_and_reports_like_the_local_cli(tmp_path: Path, glove_small,
-                                                                        cache_root: Path, engine: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("engine", "fmt"), [("spark", "jsonl"), ("ray", "parquet"), ("ray", "jsonl")])
+def test_cli_engine_reads_shard_directories_and_counts_like_the_local_path(
+        tmp_path: Path, glove_small, cache_root: Path, engine: str, fmt: str) -> None:  # type: ignore[no-untyped-def]
     _need(engine)
     jsonl, parquet = _shards(tmp_path)
-    local_report = tmp_path / "local.json"
-    # the local CLI on the same Parquet shards (its JSONL path treats a null text as a bad record)
-    files = sorted(str(p) for p in parquet.glob("*.parquet"))
-    proc = _cli(cache_root, *files, "-o", str(tmp_path / "local.parquet"), "--report", str(local_report))
+    src = jsonl if fmt == "jsonl" else parquet
+    out, report_path = tmp_path / "out", tmp_path / "report.json"
+    proc = _cli(cache_root, str(src), "-o", str(out), "--engine", engine, "--seed", "9",
+                "--report", str(report_path))
     assert proc.returncode == 0, proc.stderr
-    local = json.loads(local_report.read_text())
-    for fmt, src in (("jsonl", jsonl), ("parquet", parquet)):
-        out, report_path = tmp_path / f"out-{engine}-{fmt}", tmp_path / f"{engine}-{fmt}.json"
-        proc = _cli(cache_root, str(src), "-o", str(out), "--engine", engine, "--report", str(report_path))
-        assert proc.returncode == 0, proc.stderr
-        report = json.loads(report_path.read_text())
-        assert _report_counts(report) == _report_counts(local), fmt
-        assert report["engine"]["name"] == engine and report["input"]["shards"] == 3
-        if fmt == "parquet":
-            rows = pq.read_table(out).sort_by("id")
-            texts = rows.column("text").to_pylist()
-        else:
-            records = [json.loads(line) for p in sorted(out.rglob("*.json")) for line in p.read_text().splitlines()]
-            texts = [r["text"] for r in sorted(records, key=lambda r: r["id"])]
-        assert len(texts) == len(TEXTS) and all((a is None) == (t is None) for a, t in zip(texts, TEXTS))
-        assert not any("Zqxv" in t for t in texts if t)  # OOV masked through the engine too
+    report = json.loads(report_path.read_text())
+    assert _report_counts(report) == _expected_report_counts(_local_counts(glove_small))
+    assert report["engine"]["name"] == engine and report["input"]["shards"] == 3
+    assert report["randomness"]["mode"] == "seeded"
+    assert "uniform" in report["attack_success"]  # the CLI's risk section, as on the local path
+    if fmt == "parquet":
+        rows = pq.read_table(out).sort_by("id")
+        texts, tags = rows.column("text").to_pylist(), rows.column("tag").to_pylist()
+    else:
+        records = sorted((json.loads(line) for p in sorted(out.rglob("*.json")) for line in p.read_text().splitlines()),
+                         key=lambda r: r["id"])
+        texts, tags = [r["text"] for r in records], [r["tag"] for r in records]
+    assert len(texts) == len(TEXTS) and all((a is None) == (t is None) for a, t in zip(texts, TEXTS))
+    assert tags == TABLE.column("tag").to_pylist()
+    assert not any("Zqxv" in t for t in texts if t)  # OOV masked through the engine too
+    assert sum(a != t for a, t in zip(texts, TEXTS) if t) > 100
     # the output directory must be new: never written over
-    again = _cli(cache_root, str(parquet), "-o", str(tmp_path / f"out-{engine}-parquet"), "--engine", engine)
+    again = _cli(cache_root, str(src), "-o", str(out), "--engine", engine)
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
 
 

@@ -69,7 +69,7 @@ def test_frequency_test_rejects_a_wrong_epsilon(index_factory) -> None:  # type:
 
 
 def test_wide_sampler_alone_matches_the_closed_form(index_factory) -> None:  # type: ignore[no-untyped-def]
-    """A 3-wide table: no word's L_x fits, everything goes through the exact radius search."""
+    """A 3-wide table: no word's L_x fits, everything goes through the exact whole-vocabulary sampler."""
     vectors = two_clusters()
     idx = index_factory(vectors, neighbors=3)
     assert not create("tem", idx, EPS, {"beta": BETA})._fits(np.arange(idx.n)).any()

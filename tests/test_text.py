@@ -281,3 +281,31 @@ def test_gather_runs_in_blocks(block: int) -> None:
     lengths = rng.integers(0, 50, 200)  # zero-length runs (dropped words) included
     expected = np.concatenate([base[s : s + n] for s, n in zip(starts, lengths)])
     assert np.array_equal(_gather_runs(base, starts, lengths, block=block), expected)
+
+
+def test_word_likeness_is_what_the_tokenizer_reads_as_one_word() -> None:
+    from privtext.embeddings import is_word_like
+
+    rng = np.random.default_rng(5)
+    candidates = [*UNICODE_VOCAB, *PIECES, "", "a b", "_a", "a_", "\u0301a", "a\u0301", "a\u200d", "\u200da"]
+    candidates += ["".join(PIECES[i] for i in rng.integers(0, len(PIECES), 2)) for _ in range(2000)]
+    for text in candidates:
+        assert is_word_like(text) == (tokenize(text) == ["", text, ""]), text
+
+
+def test_threads_sharing_a_perturber_get_their_own_results(glove_small) -> None:  # type: ignore[no-untyped-def]
+    # Engines and library users share one perturber between threads; each chunk's output must be
+    # what a lone call gives (no scratch space shared between concurrent chunks).
+    from concurrent.futures import ThreadPoolExecutor
+
+    perturber = TextPerturber(glove_small, create("gumbel", glove_small, 300.0, {}), oov="mask")
+    words = glove_small.words[:500]
+    rng = np.random.default_rng(3)
+    chunks = [[" ".join(rng.choice(words, int(rng.integers(50, 400)))).title() for _ in range(40)]
+              for _ in range(16)]
+    expected = [perturber.perturb_texts(c, np.random.default_rng(i))[0] for i, c in enumerate(chunks)]
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda ic: perturber.perturb_texts(ic[1], np.random.default_rng(ic[0]))[0],
+                                enumerate(chunks)))
+            assert got == expected

@@ -46,7 +46,9 @@ class CountingReader(io.RawIOBase):
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         try:
-            data = self._inner.read(len(buffer))
+            # Small reads: a decoder error loses the block it was decoding, so the offset
+            # reported stays within 64 KiB of where the damage is.
+            data = self._inner.read(min(len(buffer), 1 << 16))
         except EOFError:
             raise self._error("is truncated (the compressed stream ends early)") from None
         except (gzip.BadGzipFile, zlib.error) as exc:

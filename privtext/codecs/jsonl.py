@@ -23,6 +23,8 @@ from privtext.codecs.lines import LinesOut, RecordError, transform_lines
 # parse_int/parse_float=str: values are only skipped, never used, so no int-digit limit and
 # no float rounding can make a valid record fail.
 _SCAN = json.scanner.make_scanner(json.decoder.JSONDecoder(parse_int=str, parse_float=str))
+# A second scanner whose objects are dicts (the fast path reads the field from one).
+_SCAN_OBJECTS = _SCAN
 _scanstring = json.decoder.scanstring
 _encode = json.encoder.encode_basestring  # type: ignore[attr-defined]  # C-accelerated
 _WS = re.compile(r"[ \t\n\r]*")
@@ -36,6 +38,10 @@ def locate(line: str, path: list[str]) -> list[tuple[int, int, str]]:
 
     Raises RecordError for invalid JSON, a missing field, a non-string value or an invalid
     string. The reasons name the field, never content."""
+    if len(path) == 1:
+        hit = _fast_locate(line, path[0])
+        if hit is not None:
+            return hit
     found: list[tuple[int, int, str]] = []
     try:
         end = _walk(line, 0, path, 0, found)
@@ -43,11 +49,49 @@ def locate(line: str, path: list[str]) -> list[tuple[int, int, str]]:
             end = _ws(line, end).end()
         if end != len(line):
             raise RecordError("not valid JSON")
+    except RecordError:
+        raise
     except (ValueError, IndexError, RecursionError, StopIteration):
         raise RecordError("not valid JSON") from None
     if not found:
         raise RecordError(f"field {'.'.join(path)!r} is missing")
     return found
+
+
+_KEY_PATTERNS: dict[str, re.Pattern[str]] = {}
+
+
+def _fast_locate(line: str, key: str) -> list[tuple[int, int, str]] | None:
+    """The common case in C-speed steps, or None to take the walk.
+
+    The C scanner parses the whole line (validating it); if the object has `key` as a string, the
+    line holds no \\u escape (so the key is written literally) and `"key":` occurs exactly once
+    (so no duplicate and no nested object repeats it), that occurrence is the key: inside a string
+    a quote is escaped, and a string followed by a colon is a key. Anything else: None."""
+    if "\\u" in line:
+        return None
+    try:
+        record, end = _SCAN_OBJECTS(line, _ws(line, 0).end())
+    except (ValueError, StopIteration, RecursionError):
+        return None
+    if type(record) is not dict or not isinstance(record.get(key), str):
+        return None
+    if end != len(line) and _ws(line, end).end() != len(line):
+        return None
+    pattern = _KEY_PATTERNS.get(key)
+    if pattern is None:
+        pattern = _KEY_PATTERNS.setdefault(key, re.compile(
+            re.escape(json.dumps(key, ensure_ascii=False)) + r"[ \t\n\r]*:[ \t\n\r]*"))
+    matches = pattern.findall(line)
+    if len(matches) != 1:
+        return None
+    start = pattern.search(line).end()  # type: ignore[union-attr]
+    if line[start] != '"':
+        return None
+    value, stop = _scanstring(line, start + 1)
+    if value != record[key]:
+        return None
+    return [(start, stop, value)]
 
 
 def _walk(s: str, i: int, path: list[str], depth: int, found: list[tuple[int, int, str]]) -> int:
@@ -117,15 +161,15 @@ class JsonlRecords:
     def __init__(self, path: list[str]):
         self.path = path
 
-    def parse(self, body: bytes) -> tuple[Any, list[str]]:
+    def parse(self, body: memoryview) -> tuple[Any, list[str]]:
         try:
-            line = body.decode("utf-8")
+            line = str(body, "utf-8")
         except UnicodeDecodeError:
             raise RecordError("not valid UTF-8") from None
         spans = locate(line, self.path)
         return (line, spans), [value for _, _, value in spans]
 
-    def render(self, state: Any, texts: list[str]) -> bytes:
+    def render(self, state: Any, texts: list[str], ending: str) -> bytes:
         line, spans = state
         pieces: list[str] = []
         pos = 0
@@ -134,6 +178,7 @@ class JsonlRecords:
             pieces.append(_encode(text))
             pos = end
         pieces.append(line[pos:])
+        pieces.append(ending)
         return "".join(pieces).encode("utf-8")
 
 

@@ -19,9 +19,9 @@ class RecordError(ValueError):
 
 
 class RecordCodec(Protocol):
-    def parse(self, body: bytes) -> tuple[Any, list[str]]: ...
+    def parse(self, body: memoryview) -> tuple[Any, list[str]]: ...
 
-    def render(self, state: Any, texts: list[str]) -> bytes: ...
+    def render(self, state: Any, texts: list[str], ending: str) -> bytes: ...
 
 
 @dataclass
@@ -36,14 +36,13 @@ def transform_lines(lines: list[bytes], first_line: int, codec: RecordCodec, on_
                     skip_blank: bool) -> LinesOut:
     out: list[bytes] = list(lines)
     texts: list[str] = []
-    slots: list[tuple[int, Any, bytes, int]] = []  # (position, parse state, line ending, n texts)
+    slots: list[tuple[int, Any, str, int]] = []  # (position, parse state, line ending, n texts)
     skipped = kept = 0
     for pos, raw in enumerate(lines):
-        if raw.endswith(b"\n"):
-            body = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
-        else:
-            body = raw
-        if skip_blank and (not body or body.isspace()):
+        # A memoryview, not a slice: a 30 MB record is not copied just to drop its newline.
+        cut = (2 if raw.endswith(b"\r\n") else 1) if raw.endswith(b"\n") else 0
+        body = memoryview(raw)[: len(raw) - cut]
+        if skip_blank and (len(raw) == cut or raw.isspace()):
             continue  # blank lines pass through; they hold no record
         try:
             state, values = codec.parse(body)
@@ -57,11 +56,11 @@ def transform_lines(lines: list[bytes], first_line: int, codec: RecordCodec, on_
                 kept += 1
             continue
         texts.extend(values)
-        slots.append((pos, state, raw[len(body):], len(values)))
+        slots.append((pos, state, "\r\n"[2 - cut:] if cut else "", len(values)))
     new_texts, counters = perturb(texts)
     at = 0
     for pos, state, ending, count in slots:
-        out[pos] = codec.render(state, new_texts[at : at + count]) + ending
+        out[pos] = codec.render(state, new_texts[at : at + count], ending)
         at += count
     # A duplicated key yields several texts for one record: count records, not values.
     counters.records = len(slots)

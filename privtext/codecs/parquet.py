@@ -23,6 +23,16 @@ def _arrow_error_types() -> tuple[type[BaseException], ...]:
     return (pa.ArrowException, OSError)
 
 
+_STDIN: list[bytes] = []
+
+
+def _stdin_bytes() -> bytes:
+    """Stdin read once (validation opens the input before the run opens it again)."""
+    if not _STDIN:
+        _STDIN.append(sys.stdin.buffer.read())
+    return _STDIN[0]
+
+
 @dataclass
 class ParquetChunk:
     row_group: int
@@ -45,7 +55,7 @@ class ParquetSource:
         name = "stdin" if path == "-" else path
         try:
             if path == "-":  # Parquet needs random access: read stdin into memory first
-                file = pq.ParquetFile(pa.BufferReader(sys.stdin.buffer.read()))
+                file = pq.ParquetFile(pa.BufferReader(_stdin_bytes()))
             else:
                 file = pq.ParquetFile(path)
         except PermissionError:
@@ -101,6 +111,15 @@ class ParquetSource:
                 yield ParquetChunk(group, batch, i == len(batches) - 1)
 
 
+def segment_groups(path: Path) -> Iterator[Any]:
+    """The row groups of a finished segment file, one table at a time."""
+    import pyarrow.parquet as pq
+
+    segment = pq.ParquetFile(path)
+    for group in range(segment.metadata.num_row_groups):
+        yield segment.read_row_group(group)
+
+
 def column_values(batch: Any, field_name: str) -> list[str | None]:
     return batch.column(field_name).to_pylist()  # dictionary columns decode here
 
@@ -133,6 +152,10 @@ class ParquetSink:
 
         table = pa.Table.from_batches(batches, schema=self.schema)
         self._writer.write_table(table, row_group_size=max(1, table.num_rows))
+
+    def write_table(self, table: Any) -> None:
+        """One row group holding `table`."""
+        self._writer.write_table(table.cast(self.schema), row_group_size=max(1, table.num_rows))
 
     def copy_groups_from(self, path: Path) -> None:
         """Appends every row group of a segment file (resume: segments become the output)."""

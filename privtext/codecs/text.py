@@ -9,14 +9,14 @@ from privtext.codecs.lines import LinesOut, RecordError, transform_lines
 
 
 class TextRecords:
-    def parse(self, body: bytes) -> tuple[Any, list[str]]:
+    def parse(self, body: memoryview) -> tuple[Any, list[str]]:
         try:
-            return None, [body.decode("utf-8")]
+            return None, [str(body, "utf-8")]
         except UnicodeDecodeError:
             raise RecordError("not valid UTF-8") from None
 
-    def render(self, state: Any, texts: list[str]) -> bytes:
-        return texts[0].encode("utf-8")
+    def render(self, state: Any, texts: list[str], ending: str) -> bytes:
+        return (texts[0] + ending).encode("utf-8") if ending else texts[0].encode("utf-8")
 
 
 def transform(lines: list[bytes], first_line: int, path: list[str], on_error: str,

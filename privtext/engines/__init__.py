@@ -13,10 +13,17 @@ or recomputed partition overwrites its own entry with identical counts instead o
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator
 from typing import Any
 
+from privtext import errors
 from privtext.counters import Counters
-from privtext.errors import UsageError
+from privtext.errors import PrivtextError, UsageError
+
+# how a privtext error raised on an executor appears in the engine's exception text
+_REMOTE_ERROR = re.compile(r"privtext\.errors\.(\w+): ([^\n]*)")
 
 
 def merge_keyed(parts: dict[Any, dict[str, Any]], expected: int | None = None) -> Counters:
@@ -35,3 +42,20 @@ def require(module: str, extra: str) -> Any:
         return importlib.import_module(module)
     except ImportError:
         raise UsageError(f"{module} is not installed; install it with pip install 'privtext[{extra}]'") from None
+
+
+@contextlib.contextmanager
+def executor_errors() -> Iterator[None]:
+    """Turn a privtext error raised on an executor (which the engine wraps in its own exception
+    with a remote traceback) back into that privtext error on the driver: one line naming the fix
+    (e.g. a missing index cache), not a page of JVM or Ray frames."""
+    try:
+        yield
+    except PrivtextError:
+        raise
+    except Exception as exc:
+        found = _REMOTE_ERROR.search(str(exc))
+        cls = getattr(errors, found.group(1), None) if found else None
+        if found and isinstance(cls, type) and issubclass(cls, PrivtextError):
+            raise cls(found.group(2).strip()) from None
+        raise

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from privtext.engines import merge_keyed, require
+from privtext.engines import executor_errors, merge_keyed, require
 from privtext.errors import UsageError
 
 if TYPE_CHECKING:
@@ -122,26 +122,33 @@ def perturb_dataset(ds: Any, column: str = "text", anonymizer: Anonymizer | None
         raise UsageError(f"column {column!r} is not in the dataset; pass column= with one of: "
                          f"{', '.join(ds.schema().names)}")
     start = time.perf_counter()
+    size = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
     refs = ds.to_arrow_refs()
+    if len(refs) < size:
+        # Ray merges small files into one block; split in order (deterministic, so a seeded run
+        # stays reproducible) so that every actor of the pool has a block to work on
+        refs = ray.data.from_arrow_refs(refs).repartition(size).to_arrow_refs()
     shipped = [ray.put(pack_index(anonymizer.spec.index_path))] if ship_index else None
     collector = ray.remote(num_cpus=0)(_Collector).remote()
-    size = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
     context = ray.data.DataContext.get_current()
     previous_order = context.execution_options.preserve_order
     context.execution_options.preserve_order = True  # output rows in input order
     try:
         blocks = ray.data.from_items([{"block": b} for b in range(len(refs))],
                                      override_num_blocks=max(1, len(refs)))
-        out = blocks.map_batches(
+        mapped = blocks.map_batches(
             _BlockPerturber, batch_size=1, batch_format="pyarrow", concurrency=max(1, min(size, len(refs))),
             fn_constructor_kwargs={"state": anonymizer.state(), "column": column, "refs": refs,
                                    "collector": collector, "shipped": shipped},
-        ).materialize()
+        )
+        with executor_errors():
+            out = mapped.materialize()
+        parts = ray.get(collector.value.remote())
     finally:
         context.execution_options.preserve_order = previous_order
+        ray.kill(collector)
     seconds = time.perf_counter() - start
-    counters = merge_keyed(ray.get(collector.value.remote()), expected=len(refs))
-    ray.kill(collector)
+    counters = merge_keyed(parts, expected=len(refs))
     run_info = {
         "seconds": seconds,
         "keyed_by": f"run key, stream {STREAMS}",

@@ -121,7 +121,12 @@ def run_shards(engine: str, inputs: list[str], output: str, anonymizer: Anonymiz
         from privtext.engines import ray as ray_engine
 
         ray = ray_engine.init(address, cores)
-        ds = ray.data.read_parquet(files) if found == "parquet" else ray.data.read_json(files)
+        from pyarrow.fs import LocalFileSystem
+
+        # the shards were listed on this machine's filesystem: say so instead of letting Ray guess
+        local = LocalFileSystem()
+        ds = (ray.data.read_parquet(files, filesystem=local, override_num_blocks=len(files)) if found == "parquet"
+              else ray.data.read_json(files, filesystem=local, override_num_blocks=len(files)))
         out, report = ray_engine.perturb_dataset(ds, field, anonymizer, ship_index=ship)
         if found == "parquet":
             out.write_parquet(output)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from privtext.engines import merge_keyed, require
+from privtext.engines import executor_errors, merge_keyed, require
 from privtext.errors import InputTypeError, UsageError
 
 if TYPE_CHECKING:
@@ -115,7 +115,8 @@ def perturb_dataframe(df: Any, column: str = "text", anonymizer: Anonymizer | No
     start = time.perf_counter()
     out = df.mapInArrow(_perturb_partitions(anonymizer.state(), column, shipped, acc), df.schema)
     out = out.persist(StorageLevel.MEMORY_AND_DISK)
-    out.count()  # runs the job once; later actions read the persisted rows
+    with executor_errors():
+        out.count()  # runs the job once; later actions read the persisted rows
     seconds = time.perf_counter() - start
     partitions = out.rdd.getNumPartitions()
     counters = merge_keyed(acc.value, expected=partitions)

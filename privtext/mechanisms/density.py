@@ -11,7 +11,8 @@ Two samplers:
   the normaliser, since π does not depend on x: metric DP at rate ε. log π(y) at every vocabulary
   word is computed once per (index, h) and cached with the index (n² kernel terms in float64
   blocks, about a minute at 92k words). Sampling uses `FullVocabularySampler` with log π as the
-  log prior: the exact inverse CDF of this categorical distribution, per distinct word.
+  log prior: exact envelope rejection with π inside the proposal (inverse CDF over a distance
+  row for frequent words).
 * `sampler=mh`: the paper's continuous form, density ∝ π(z) · exp(−ε‖z − φ(x)‖) over R^m, by
   Metropolis–Hastings with the §1 Laplace noise around φ(x) as an independence proposal (so the
   acceptance ratio is π(z')/π(z)), starting from a proposal draw; after `chain` steps the
@@ -165,8 +166,8 @@ class DensityMechanism(Mechanism):
                 statement=(f"metric DP at rate ε = {epsilon:g} per unit of Euclidean distance: "
                            "for any two words x, x' and output y, P[y|x] ≤ exp(ε·d(x, x'))·P[y|x']"),
                 conditions=(
-                    "P[y|x] ∝ π(y)·exp(−ε·d(x, y)/2) over the whole vocabulary (exact inverse-CDF "
-                    "sampling in float64)",
+                    "P[y|x] ∝ π(y)·exp(−ε·d(x, y)/2) over the whole vocabulary (exact sampling in "
+                    "float64: table weights plus envelope rejection, or inverse CDF)",
                     prior,
                     f"per-token pure bound ε·Δ_max with Δ_max = {geometry.delta_max:.4g} "
                     f"({geometry.delta_max_kind})",
@@ -223,6 +224,7 @@ class DensityMechanism(Mechanism):
         augmented_vectors(self.index)
         if self.dparams.sampler == "exact":
             _ = self.log_prior
+            self.sampler.prepare()  # the envelope's reverse-neighbour list, before workers start
 
     def derived(self) -> dict[str, Any]:
         p = self.dparams

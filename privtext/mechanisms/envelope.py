@@ -26,12 +26,16 @@ Accepted mass is g(y)·w(y)/g(y) = w(y) for every y, so the first accepted propo
 the target distribution — whatever the unknown tail mass Z_tail is, and without computing it.
 Each envelope proposal costs one float64 distance d(x, y) (from the stored float32 vectors).
 
-b(y) is sampled without a scan because it depends on x only through κ_x: in the order of
-increasing κ_y, words with κ_y ≤ κ_x (a prefix) weigh π(y)·exp(−s·min(κ_x, c)), the others (the
-suffix) weigh π(y)·exp(−s·min(κ_y, c)), a function of y alone. One forward log-cumulative sum of
-π and one backward log-cumulative sum of the suffix weights, computed once per sampler, give both
-masses and an inverse-CDF draw by binary search. The density prior is thus part of the proposal
-and costs no envelope slack. E_x comes from a reverse-neighbour list cached with the index.
+b(y) is sampled without a scan because it depends on x only through κ_x. Once per sampler, the
+words of the range are sorted by κ_y and cut into bins (32 quantile bins, split further so that
+no bin is wider than 0.2 in κ); a bin B with smallest value κ_B gets the envelope
+b(y) = π(y)·exp(−s·min(max(κ_x, κ_B), c)) ≥ π(y)·exp(−s·min(L(x, y), c)) for each of its words:
+still a valid bound, looser by at most exp(s·0.2) inside a bin. A bin's mass for x is then
+Π_B·exp(−s·min(max(κ_x, κ_B), c)) with Π_B = Σ_{y∈B} π(y) precomputed, so a word's proposal is a
+categorical over [table, bin 1 … bin B, E_x] (about 80 entries, built once per distinct word of a
+chunk), then a uniform word of the bin (an exact integer draw; by inverse CDF over π inside the
+bin when there is a prior). The density prior is thus part of the proposal and costs no envelope
+slack. E_x comes from a reverse-neighbour list cached with the index.
 
 Tries: each round draws `k` proposals per pending token and keeps the first accepted one (the
 proposals are i.i.d., so the first acceptance in order is the rejection sampler's output). After
@@ -52,10 +56,10 @@ from privtext.mechanisms.sampling import open_uniform
 
 REVERSE_ARTIFACT = "reverse-neighbours"
 DEFAULT_MAX_TRIES = 4096
-DEFAULT_ROUND_TRIES = 8
+DEFAULT_ROUND_TRIES = 4
 _TOKEN_SLICE = 4096
-_QUANTILE_BINS = 64
-_BIN_WIDTH = 0.1
+_QUANTILE_BINS = 32
+_BIN_WIDTH = 0.2
 # Relative margin between distances computed by different float64 formulas (about 1e-14 apart).
 _REL = 1e-9
 

@@ -163,7 +163,8 @@ class TruncatedGumbelMechanism(Mechanism):
         self.scale = scale_for_epsilon(self.epsilon, geo.n, geo.delta_min, geo.delta_max)
         self.lam = poisson_rate(geo.n)
         self.count_cdf, self.truncation_mass = candidate_count_cdf(self.lam, index.neighbors)
-        self.floor = UniformFloor(floor_for(self.epsilon, self.params, geo), geo.n)
+        # exactly the α the map states (the guarantee is computed from the same params)
+        self.floor = UniformFloor(self.guarantee.floor or 0.0, geo.n)
 
     @classmethod
     def privacy_map(cls, epsilon: float, params: MechanismParams, geometry: Geometry) -> Guarantee:

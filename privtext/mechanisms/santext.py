@@ -11,12 +11,12 @@ least frequent fraction w of the rows is the sensitive set V_S (a contiguous ran
 A sensitive word is always replaced by y drawn from V_S with the same weights; a non-sensitive
 word is replaced the same way with probability p, else kept.
 
-Sampling: `FullVocabularySampler` (see fullvocab.py) draws exactly this categorical distribution
-by inverse CDF over each distinct word's float64 weight row, instead of Gumbel-max over the n
-scores of every token: both draw P[y | x] = w_x(y) / Σ w_x, the inverse CDF with one uniform per
-token. No n × n matrix exists at any point (the reference implementation needs 13.5 GB for a
-100k vocabulary); memory is one (64, n) work buffer plus a bounded cache of the most frequent
-words' rows. The keep/replace coin of SanText+ uses its own open uniform per token.
+Sampling: `FullVocabularySampler` (see fullvocab.py and envelope.py) draws exactly this
+categorical distribution without scanning the vocabulary per word: the neighbour table's exact
+weights plus rejection from an envelope that bounds every word beyond the table, a few float64
+distances per token; the most frequent words use an inverse-CDF draw over their float64 weight
+row. No n × n matrix exists at any point (the reference implementation needs 13.5 GB for a 100k
+vocabulary). The keep/replace coin of SanText+ uses its own open uniform per token.
 """
 
 from __future__ import annotations
@@ -104,8 +104,8 @@ class SanTextMechanism(Mechanism):
                 f"metric DP at rate ε = {epsilon:g} per unit of Euclidean distance: for any two "
                 "words x, x' and output y, P[y|x] ≤ exp(ε·d(x, x'))·P[y|x']",
                 conditions=(
-                    "P[y|x] ∝ exp(−ε·d(x, y)/2) over the whole vocabulary (exact inverse-CDF "
-                    "sampling in float64)",
+                    "P[y|x] ∝ exp(−ε·d(x, y)/2) over the whole vocabulary (exact sampling in "
+                    "float64: table weights plus envelope rejection, or inverse CDF)",
                     f"per-token pure bound ε·Δ_max with Δ_max = {geometry.delta_max:.4g} "
                     f"({geometry.delta_max_kind})",
                 ),
@@ -175,7 +175,8 @@ class SanTextMechanism(Mechanism):
     def derived(self) -> dict[str, Any]:
         p: SanTextParams = self.params  # type: ignore[assignment]
         out: dict[str, Any] = {"exponent_scale": self.epsilon / 2.0,
-                               "sampler": "exact inverse CDF over each distinct word's row"}
+                               "sampler": "exact: table weights + envelope rejection (inverse CDF "
+                                          "over a distance row for frequent words)"}
         if p.plus:
             out.update({
                 "sensitive_fraction_w": p.sensitive_fraction,

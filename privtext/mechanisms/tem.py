@@ -20,11 +20,11 @@ Two exact samplers, chosen per token:
   Gumbel-max over the prefix plus ⊥, vectorised over the chunk. A ⊥ draw picks the j-th word of
   the complement directly: with L_x's ids sorted as l_0 < l_1 < ..., the j-th (0-based) id not in
   L_x is j + #{i : l_i − i ≤ j}. No retry loop.
-* L_x is wider than the table: an exact radius search, i.e. float64 distances from x to every
-  word (one matrix product per distinct word of the chunk), never a silently smaller set. The
-  row min(d(x, y), γ) already holds ⊥'s mass spread over the complement, so one inverse-CDF draw
-  over the row (`FullVocabularySampler` with clamp γ) samples "⊥ then uniform complement" and the
-  L_x words in a single step, the same distribution as above.
+* L_x is wider than the table: `FullVocabularySampler` with clamp γ draws P ∝ exp(−(ε/2)·min(d, γ))
+  over the whole vocabulary exactly, never over a silently smaller set: the weight min(d, γ)
+  already holds ⊥'s mass spread over the complement, so one draw samples "⊥ then uniform
+  complement" and the L_x words in a single step, the same distribution as above (table weights
+  plus envelope rejection, see envelope.py; a float64 distance row for frequent words).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class TruncatedExponentialMechanism(Mechanism):
                 f"exponential mechanism with utility −min(d(x, y), γ), γ = (2/ε)·ln((1 − β)·n/β) "
                 f"= {gamma:.6g} (β = {params.beta:g}, n = {geometry.n}); P(output outside L_x) ≤ β",
                 "sampled exactly: Gumbel-max over L_x plus a bottom element, complement by index; "
-                "L_x from the exact neighbour table or an exact radius search",
+                "L_x from the exact neighbour table, or the exact whole-vocabulary sampler beyond it",
                 f"per-token pure bound ε·Δ_max with Δ_max = {geometry.delta_max:.4g} "
                 f"({geometry.delta_max_kind}); the utility's range also bounds it by ε·γ = "
                 f"{epsilon * gamma:.4g}",
@@ -136,7 +136,7 @@ class TruncatedExponentialMechanism(Mechanism):
             "gamma": self.gamma,
             "beta": self.params.beta,  # type: ignore[attr-defined]
             "words_whose_L_x_fits_the_table": float(fits.mean()),
-            "wide_sampler": "exact distances to every word + inverse CDF (per distinct word)",
+            "wide_sampler": "exact: table weights + envelope rejection (distance rows for frequent words)",
         }
 
     def prepare(self) -> None:

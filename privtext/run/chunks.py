@@ -11,6 +11,7 @@ turn into gigabytes of token lists.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,8 @@ from privtext.randomness import chunk_rng
 from privtext.settings import Format, PerturbSettings
 from privtext.text import ChunkCounters, TextPerturber
 
-LONG_DOCUMENT_CHARS = 1 << 20  # longer records are perturbed piece by piece
-PIECE_CHARS = 1 << 18
+LONG_DOCUMENT_CHARS = 1 << 18  # longer records are perturbed piece by piece
+PIECE_CHARS = 1 << 16
 _SPACE = re.compile(r"\s")
 
 
@@ -50,9 +51,9 @@ class ChunkResult:
     error: tuple[int, str] | None = None  # (line number, reason) when --on-error fail stops
 
 
-def split_long(text: str, piece: int = PIECE_CHARS) -> list[str]:
-    """Pieces of about `piece` characters, each cut just before a whitespace character."""
-    pieces: list[str] = []
+def iter_pieces(text: str, piece: int = PIECE_CHARS) -> Iterator[str]:
+    """Pieces of about `piece` characters, each cut just before a whitespace character; made
+    one at a time, so only one piece's copy exists beside the text."""
     start = 0
     while len(text) - start > piece:
         cut = max(text.rfind(c, start + 1, start + piece) for c in " \n\t\r")
@@ -61,10 +62,13 @@ def split_long(text: str, piece: int = PIECE_CHARS) -> list[str]:
             if match is None:
                 break
             cut = match.start()
-        pieces.append(text[start:cut])
+        yield text[start:cut]
         start = cut
-    pieces.append(text[start:])
-    return pieces
+    yield text[start:]
+
+
+def split_long(text: str, piece: int = PIECE_CHARS) -> list[str]:
+    return list(iter_pieces(text, piece))
 
 
 def perturb_documents(perturber: TextPerturber, texts: list[str], rng: np.random.Generator,
@@ -85,7 +89,7 @@ def perturb_documents(perturber: TextPerturber, texts: list[str], rng: np.random
             continue
         parts: list[str] = []
         perturbed = 0
-        for piece in split_long(text):
+        for piece in iter_pieces(text):
             (new,), counters = perturber.perturb_texts([piece], rng)
             parts.append(new)
             perturbed += counters.perturbed

@@ -33,54 +33,16 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol, TypeVar
 
-from privtext.errors import PrivtextError, WorkerError
+from privtext.errors import Interrupted, PrivtextError, WorkerError
 
 M = TypeVar("M")
 
-_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
-                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 _PR_SET_PDEATHSIG = 1
 WATCHDOG_SECONDS = 0.5
 
 
 class Processor(Protocol):
     def process(self, task: Any) -> Any: ...
-
-
-# --- thread limits ------------------------------------------------------------------------------
-
-
-def limit_threads(n: int = 1) -> None:
-    """Caps FAISS's OpenMP and the BLAS thread pools of *this* process at `n`.
-
-    The worker processes are the parallelism: FAISS's OpenMP threads spin-wait, and on a busy
-    2-core machine two of them ran a flat search 3x slower than one (1.7k vs 5.7k queries/s).
-    Environment variables only reach libraries not loaded yet, so loaded ones are told directly
-    (FAISS; BLAS through threadpoolctl when it is installed)."""
-    for name in _THREAD_VARS:
-        os.environ[name] = str(n)
-    with contextlib.suppress(ImportError):
-        import faiss
-
-        faiss.omp_set_num_threads(n)
-    if "numpy" in sys.modules:
-        with contextlib.suppress(ImportError):
-            from threadpoolctl import threadpool_limits
-
-            threadpool_limits(n)
-
-
-@contextlib.contextmanager
-def single_threaded_faiss() -> Iterator[None]:
-    """One FAISS thread while the caller itself runs chunks; its previous setting afterwards."""
-    import faiss
-
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(previous)
 
 
 # --- inside a worker ----------------------------------------------------------------------------
@@ -124,7 +86,9 @@ def _worker_init(factory: Callable[[], Processor], main_pid: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # the main process decides, and stops us
     _die_with_parent(main_pid)
-    limit_threads(1)
+    from privtext.threads import limit_threads
+
+    limit_threads(1)  # in this worker; the fork server already set the environment before numpy
     try:
         _PROCESSOR = factory()
     except BaseException as exc:  # reported by the first task, as one line, not a traceback here
@@ -167,18 +131,55 @@ def mp_context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
+# --- signals ---------------------------------------------------------------------------------
+
+_held = 0  # > 0 while a critical section runs: signals_as_interrupts then defers its signal
+_pending: list[int] = []
+
+
 @contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Delays SIGINT/SIGTERM/SIGHUP (delivered when the block ends) in the main thread."""
-    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+def signals_held() -> Iterator[None]:
+    """Defers Ctrl-C/SIGTERM/SIGHUP (as handled by signals_as_interrupts) to the end of the block.
+
+    A process-directed signal is delivered to whichever thread does not block it, and Python
+    runs its handler in the main thread at the next bytecode: masking the main thread is not
+    enough. The handler itself checks this counter instead."""
+    global _held
+    _held += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _held -= 1
+        if _held == 0 and _pending:
+            raise Interrupted(_pending.pop())
+
+
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """SIGTERM and SIGHUP stop a run exactly like Ctrl-C (workers stopped, temporary files
+    removed), raising Interrupted so the CLI exits 143 / 129 / 130."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        if fired:  # a second signal while cleaning up: let the cleanup finish
+            return
+        if _held:
+            if not _pending:
+                _pending.append(signum)
+            return
+        fired.append(signum)
+        raise Interrupted(signum)
+
+    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)
+        _pending.clear()
 
 
 class _Done:
@@ -214,7 +215,7 @@ class ChunkExecutor:
             # A signal between a worker's start and its entry in the pool's process table would
             # leave a worker that close() cannot see: hold signals until every worker is listed.
             ctx = mp_context()  # the fork server starts outside the block: it must not inherit it
-            with _signals_held():
+            with signals_held():
                 self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
                                                  initializer=_worker_init,
                                                  initargs=(self.factory, os.getpid()))

@@ -116,24 +116,27 @@ def target_mode(path: Path) -> int:
         return 0o666 & ~umask()
 
 
-def os_error(exc: OSError, given: str, doing: str = "writing") -> OutputError:
-    """One line that names the fix for an OSError met while writing `given`."""
+def describe_os_error(exc: OSError) -> str:
+    """What went wrong and the fix, for an OSError (no traceback, no content)."""
     code = exc.errno
     if code == errno.ENOSPC:
-        fix = "no space left on the device; free space or write elsewhere"
-    elif code == errno.EFBIG:
-        fix = "the file-size limit was reached (ulimit -f); raise it or write elsewhere"
-    elif code == errno.EDQUOT:
-        fix = "the disk quota is exhausted; free space or write elsewhere"
-    elif code == errno.EROFS:
-        fix = "the file system is read-only; write elsewhere"
-    elif code in (errno.EACCES, errno.EPERM):
-        fix = "permission denied; fix the permissions or write elsewhere"
-    elif code == errno.EIO:
-        fix = "an I/O error occurred on the device; check it and try again"
-    else:
-        fix = f"{exc.strerror or exc}; check the path and try again"
-    return OutputError(f"error {doing} {given}: {fix} (nothing was published)")
+        return "no space left on the device; free space or write elsewhere"
+    if code == errno.EFBIG:
+        return "the file-size limit was reached (ulimit -f); raise it or write elsewhere"
+    if code == errno.EDQUOT:
+        return "the disk quota is exhausted; free space or write elsewhere"
+    if code == errno.EROFS:
+        return "the file system is read-only; write elsewhere"
+    if code in (errno.EACCES, errno.EPERM):
+        return "permission denied; fix the permissions or write elsewhere"
+    if code == errno.EIO:
+        return "an I/O error occurred on the device; check it and try again"
+    return f"{exc.strerror or exc}; check the path and try again"
+
+
+def os_error(exc: OSError, given: str, doing: str = "writing") -> OutputError:
+    """One line that names the fix for an OSError met while writing `given`."""
+    return OutputError(f"error {doing} {given}: {describe_os_error(exc)} (nothing was published)")
 
 
 def tmp_name(target: Path, tag: str) -> Path:
@@ -209,11 +212,12 @@ class AtomicFile:
         self.stream: IO[bytes] = os.fdopen(fd, "wb", buffering=1 << 20)
         self._done = False
 
+    # write/flush/commit raise without cleaning up: the caller chooses abort() (remove the
+    # temporary file) or detach() (keep a resumable run's partial output).
     def write(self, data: bytes) -> None:
         try:
             self.stream.write(data)
         except OSError as exc:
-            self.abort()
             raise os_error(exc, self.target.given) from None
 
     def flush(self, sync: bool = False) -> None:
@@ -222,7 +226,6 @@ class AtomicFile:
             if sync:
                 os.fsync(self.stream.fileno())
         except OSError as exc:
-            self.abort()
             raise os_error(exc, self.target.given) from None
 
     def tell(self) -> int:
@@ -238,7 +241,6 @@ class AtomicFile:
             self.stream.close()
             os.replace(self.tmp, self.target.path)
         except OSError as exc:
-            self.abort()
             raise os_error(exc, self.target.given) from None
         self._done = True
         fsync_dir(self.target.path.parent)
@@ -248,8 +250,7 @@ class AtomicFile:
         if self._done:
             return
         self._done = True
-        with contextlib.suppress(OSError, ValueError):
-            self.stream.close()
+        _close_quietly(self.stream)
         with contextlib.suppress(OSError):
             os.unlink(self.tmp)
 
@@ -258,8 +259,17 @@ class AtomicFile:
         if self._done:
             return
         self._done = True
+        _close_quietly(self.stream)
+
+
+def _close_quietly(stream: IO[bytes]) -> None:
+    """Closes a stream whose buffer may not flush (disk full): the unflushed bytes are dropped,
+    which is right, since they were never committed."""
+    try:
+        stream.close()
+    except (OSError, ValueError):
         with contextlib.suppress(OSError, ValueError):
-            self.stream.close()
+            os.close(stream.fileno())
 
 
 class StreamOutput:
@@ -320,5 +330,9 @@ def write_text_atomic(path: str, text: str, inputs: list[str] | None = None, wha
         out: AtomicFile | StreamOutput = AtomicFile(target)
     else:
         out = StreamOutput(target)
-    out.write(data)
-    out.commit()
+    try:
+        out.write(data)
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise

@@ -18,9 +18,7 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,14 +36,20 @@ from privtext.codecs import (
     skip_bytes,
     split_compression,
 )
-from privtext.codecs.parquet import ParquetSink, ParquetSource, column_values, rebuild
-from privtext.errors import InputFormatError, Interrupted, ResumeError, UsageError
+from privtext.codecs.parquet import (
+    ParquetSink,
+    ParquetSource,
+    column_values,
+    rebuild,
+    segment_groups,
+)
+from privtext.errors import InputFormatError, ResumeError, UsageError
 from privtext.index import EmbeddingIndex
 from privtext.mechanisms import create
 from privtext.mechanisms.base import Mechanism
 from privtext.randomness import run_key, seed_commitment
 from privtext.run.chunks import ChunkProcessor, ChunkTask, build_processor
-from privtext.run.executor import ChunkExecutor, single_threaded_faiss
+from privtext.run.executor import ChunkExecutor, signals_held
 from privtext.run.journal import Journal, WorkPaths, counters_to_dict, input_identity
 from privtext.run.outputs import (
     AtomicFile,
@@ -58,6 +62,7 @@ from privtext.run.outputs import (
 )
 from privtext.settings import CHUNK_BYTES, Format, PerturbSettings
 from privtext.text import ChunkCounters
+from privtext.threads import limit_threads
 
 Notify = Callable[[str], None]
 
@@ -71,6 +76,7 @@ class RunPlan:
     settings: PerturbSettings
     resume: bool
     report: OutputTarget | None = None
+    input_base: int = 0  # shards: the randomness of input i is keyed as input input_base + i
 
 
 @dataclass
@@ -84,6 +90,25 @@ class PerturbOutcome:
     workers: int = 1
     resumed: dict[str, Any] | None = None  # {"times", "chunks_reused", "records_reused", "seeded"}
     notes: list[str] = field(default_factory=list)
+    shards: list[dict[str, Any]] | None = None  # sharded runs: per-shard counts
+
+
+class RunSession:
+    """What several plans of one run share (shards): the mechanism, the run key, the workers."""
+
+    def __init__(self, index: EmbeddingIndex, settings: PerturbSettings, workers: int | None = None):
+        self.index = index
+        self.settings = settings
+        self.mechanism = create(settings.mechanism, index, settings.epsilon, settings.params)
+        self.mechanism.prepare()  # derived files are built here, once, before any worker reads them
+        self.key = run_key(settings.seed)
+        self.workers = workers or settings.effective_workers()
+        local = ChunkProcessor(index, self.mechanism, settings, self.key) if self.workers == 1 else None
+        self.executor = ChunkExecutor(partial(build_processor, str(index.path), settings, self.key),
+                                      self.workers, local)
+
+    def close(self, interrupted: bool = False) -> None:
+        self.executor.close(interrupted=interrupted)
 
 
 def plan_run(inputs: list[str], output: str, settings: PerturbSettings, *,
@@ -121,6 +146,14 @@ def plan_run(inputs: list[str], output: str, settings: PerturbSettings, *,
         if compression and fmt is Format.PARQUET:
             raise UsageError(f"output {output}: Parquet compresses inside the file; drop the "
                              f"{compression} extension")
+    if settings.max_rows_per_file is not None:
+        if fmt is not Format.PARQUET or target.kind is not OutputKind.FILE:
+            raise UsageError("--max-rows-per-file splits Parquet written to files; the output here "
+                             "is not a Parquet file")
+        assert target.path is not None
+        for src in inputs:
+            for n in range(2):  # the split names must not be inputs either
+                refuse_inputs(resolve_output(str(split_name(target.path, n))), [src])
     report_target = None
     if report is not None:
         report_target = resolve_output(report, "report")
@@ -139,7 +172,7 @@ def plan_run(inputs: list[str], output: str, settings: PerturbSettings, *,
     return RunPlan(inputs, fmt, target, compression, settings, resume, report_target)
 
 
-def _single_chunk(plan: RunPlan) -> bool:
+def single_chunk(plan: RunPlan) -> bool:
     """True when the whole input is one chunk: then one process does it, with no pool to start."""
     if len(plan.inputs) != 1 or plan.inputs[0] == STDIO:
         return False
@@ -201,20 +234,19 @@ class _Resume:
 
 def execute(plan: RunPlan, index: EmbeddingIndex, *, progress: bool | None = None,
             on_chunk: Callable[[ChunkCounters], None] | None = None,
-            notify: Notify | None = None) -> PerturbOutcome:
+            notify: Notify | None = None, session: RunSession | None = None) -> PerturbOutcome:
     """Runs a validated plan. On any error or interruption nothing is published (a stream output
-    may have received earlier chunks); with --resume the partial work is kept to continue."""
+    may have received earlier chunks); with --resume the partial work is kept to continue.
+    A shared `session` (shards) is left open on success; the caller closes it."""
     from tqdm import tqdm
 
     settings = plan.settings
     say = notify or (lambda _msg: None)
-    mechanism = create(settings.mechanism, index, settings.epsilon, settings.params)
-    mechanism.prepare()  # derived files are built here, once, before any worker reads them
     start = time.perf_counter()
-    key = run_key(settings.seed)
-    workers = 1 if _single_chunk(plan) else settings.effective_workers()
-    local = ChunkProcessor(index, mechanism, settings, key) if workers == 1 else None
-    executor = ChunkExecutor(partial(build_processor, str(index.path), settings, key), workers, local)
+    own = session is None
+    if session is None:
+        session = RunSession(index, settings, 1 if single_chunk(plan) else None)
+    mechanism, executor, workers = session.mechanism, session.executor, session.workers
 
     journal: Journal | None = None
     work: WorkPaths | None = None
@@ -226,36 +258,37 @@ def execute(plan: RunPlan, index: EmbeddingIndex, *, progress: bool | None = Non
     sink: AtomicFile | StreamOutput | None = None
     try:
         executor.start()  # workers boot while the output and the inputs are opened
-        if plan.target.kind is OutputKind.FILE:
-            assert plan.target.path is not None
-            remove_stale_temporaries(plan.target.path)
-            paths = WorkPaths.for_target(plan.target.path)
-            header = _journal_header(plan, index)
-            if plan.resume and paths.journal.exists():
-                journal = Journal.reopen(paths.journal, header)
-                work = paths  # ours only once its journal is locked
-                resume_state = _Resume.from_entries(journal.entries)
-                counters = journal.total_counters()
-                resumed = {"times": journal.resumes, "chunks_reused": len(journal.entries),
-                           "records_reused": counters.records, "seeded": settings.seed is not None}
-                say(f"resuming: {counters.records} records from {len(journal.entries)} committed "
-                    "pieces are kept" + ("" if settings.seed is not None else
-                                         "; the rest gets fresh randomness (no --seed)"))
-            else:
-                if plan.resume:
-                    say("nothing to resume for this output; starting from the beginning")
-                stale = paths.exist()
-                journal = Journal.create(paths.journal, header)  # locks: a live run is never disturbed
-                work = paths
-                with contextlib.suppress(FileNotFoundError):
-                    work.part.unlink()
-                shutil.rmtree(work.segments, ignore_errors=True)
-                if stale:
-                    say("removed the unfinished work of an earlier run (pass --resume to continue "
-                        "such a run instead)")
+        with signals_held():  # the work files exist only once `work` says they are ours
+            if plan.target.kind is OutputKind.FILE:
+                assert plan.target.path is not None
+                remove_stale_temporaries(plan.target.path)
+                paths = WorkPaths.for_target(plan.target.path)
+                header = _journal_header(plan, index)
+                if plan.resume and paths.journal.exists():
+                    journal = Journal.reopen(paths.journal, header)
+                    work = paths  # ours only once its journal is locked
+                    resume_state = _Resume.from_entries(journal.entries)
+                    counters = journal.total_counters()
+                    resumed = {"times": journal.resumes, "chunks_reused": len(journal.entries),
+                               "records_reused": counters.records, "seeded": settings.seed is not None}
+                    say(f"resuming: {counters.records} records from {len(journal.entries)} committed "
+                        "pieces are kept" + ("" if settings.seed is not None else
+                                             "; the rest gets fresh randomness (no --seed)"))
+                else:
+                    if plan.resume:
+                        say("nothing to resume for this output; starting from the beginning")
+                    stale = paths.exist()
+                    journal = Journal.create(paths.journal, header)  # locks: a live run is never disturbed
+                    work = paths
+                    with contextlib.suppress(FileNotFoundError):
+                        work.part.unlink()
+                    shutil.rmtree(work.segments, ignore_errors=True)
+                    if stale:
+                        say("removed the unfinished work of an earlier run (pass --resume to continue "
+                            "such a run instead)")
         with contextlib.ExitStack() as stack:
             if workers == 1:
-                stack.enter_context(single_threaded_faiss())
+                stack.callback(limit_threads(1))  # this process runs the chunks: one thread
 
             def account(result_counters: ChunkCounters) -> None:
                 counters.merge(result_counters)
@@ -278,13 +311,15 @@ def execute(plan: RunPlan, index: EmbeddingIndex, *, progress: bool | None = Non
                     f"no record holds a readable string field {settings.field!r} "
                     f"({counters.errors_skipped + counters.errors_kept} records were unreadable); "
                     "check --field; nothing was written")
-            executor.close()
-            if journal is not None:
-                journal.close()
-            sink.commit()
-            if work is not None:
-                work.remove()
-        completed = True
+            if own:
+                executor.close()
+            with signals_held():  # published and cleaned up, or neither
+                if journal is not None:
+                    journal.close()
+                sink.commit()
+                if work is not None:
+                    work.remove()
+                completed = True
     except BaseException as exc:
         executor.close(interrupted=True)
         keep = plan.resume and work is not None and not isinstance(exc, (UsageError, ResumeError))
@@ -304,8 +339,8 @@ def execute(plan: RunPlan, index: EmbeddingIndex, *, progress: bool | None = Non
         raise
     finally:
         bar.close()
-        if not completed:
-            executor.close(interrupted=True)
+        if not completed or own:
+            executor.close(interrupted=not completed)
     return PerturbOutcome(counters, time.perf_counter() - start, mechanism, plan.fmt.value,
                           len(plan.inputs), settings, workers, resumed)
 
@@ -353,7 +388,7 @@ def _run_lines(plan: RunPlan, executor: ChunkExecutor, journal: Journal | None, 
                 if journal is not None:
                     sink.flush()  # the bytes are in the file before the journal claims them
                     journal.commit({"i": input_id, "c": result.chunk_index, "in": chunk.end_offset,
-                                    "line": chunk.first_line + len(chunk.lines), "out": sink.tell(),
+                                    "line": chunk.next_line, "out": sink.tell(),
                                     "n": counters_to_dict(result.counters)}, sink)
         finally:
             if stream is not sys.stdin.buffer:
@@ -363,10 +398,20 @@ def _run_lines(plan: RunPlan, executor: ChunkExecutor, journal: Journal | None, 
             journal.commit({"i": input_id, "done": True, "out": sink.tell()}, sink)
 
 
+@dataclass(frozen=True)
+class _LineMeta:
+    """What the writer needs of a chunk (not its lines: they travel to the worker only)."""
+
+    end_offset: int
+    next_line: int
+
+
 def _line_items(chunks: Iterator[LineChunk], input_id: int, first: int,
-                plan: RunPlan) -> Iterator[tuple[LineChunk, ChunkTask]]:
+                plan: RunPlan) -> Iterator[tuple[_LineMeta, ChunkTask]]:
     for n, chunk in enumerate(chunks, start=first):
-        yield chunk, ChunkTask(input_id, n, chunk.first_line, plan.fmt, chunk.lines, plan.compression)
+        meta = _LineMeta(chunk.end_offset, chunk.first_line + len(chunk.lines))
+        yield meta, ChunkTask(plan.input_base + input_id, n, chunk.first_line, plan.fmt, chunk.lines,
+                              plan.compression)
 
 
 def _run_parquet(plan: RunPlan, executor: ChunkExecutor, journal: Journal | None,
@@ -397,7 +442,8 @@ def _run_parquet(plan: RunPlan, executor: ChunkExecutor, journal: Journal | None
             continue
         first = state.next_chunk.get(input_id, 0)
         chunks = source.chunks(settings.chunk_size, state.next_group.get(input_id, 0))
-        items = ((chunk, ChunkTask(input_id, n, 0, Format.PARQUET, column_values(chunk.batch, field_name)))
+        items = ((chunk, ChunkTask(plan.input_base + input_id, n, 0, Format.PARQUET,
+                                   column_values(chunk.batch, field_name)))
                  for n, chunk in enumerate(chunks, start=first))
         group: list[Any] = []
         group_counters = ChunkCounters()
@@ -425,6 +471,9 @@ def _run_parquet(plan: RunPlan, executor: ChunkExecutor, journal: Journal | None
         return stream_sink
     # Every row group is in a finished segment: copy them, in order, into the output.
     assert work is not None
+    if settings.max_rows_per_file:
+        return _split_parquet(plan, [work.segments / n for n in segments], schema, compression,
+                              settings.max_rows_per_file)
     sink = AtomicFile(plan.target)
     try:
         out = ParquetSink(sink.stream, schema, compression)
@@ -435,6 +484,60 @@ def _run_parquet(plan: RunPlan, executor: ChunkExecutor, journal: Journal | None
         sink.abort()
         raise
     return sink
+
+
+class _Files:
+    """Several atomic files published together (commit) or not at all (abort)."""
+
+    def __init__(self) -> None:
+        self.files: list[AtomicFile] = []
+
+    def commit(self) -> None:
+        for f in self.files:
+            f.commit()
+
+    def abort(self) -> None:
+        for f in self.files:
+            f.abort()
+
+    detach = abort
+
+
+def split_name(target: Path, number: int) -> Path:
+    """out.parquet -> out-00000.parquet, the name of part `number` of a split output."""
+    return target.with_name(f"{target.stem}-{number:05d}{target.suffix}")
+
+
+def _split_parquet(plan: RunPlan, segments: list[Path], schema: Any, compression: Any,
+                   limit: int) -> _Files:
+    """The output as files of at most `limit` rows; a row group larger than that is cut."""
+    assert plan.target.path is not None
+    files = _Files()
+    writer: ParquetSink | None = None
+    rows = 0
+    try:
+        for path in segments:
+            for table in segment_groups(path):
+                while table.num_rows:
+                    if writer is None or rows == limit:
+                        if writer is not None:
+                            writer.close()
+                        part = split_name(plan.target.path, len(files.files))
+                        files.files.append(AtomicFile(resolve_output(str(part))))
+                        writer = ParquetSink(files.files[-1].stream, schema, compression)
+                        rows = 0
+                    take = min(table.num_rows, limit - rows)
+                    writer.write_table(table.slice(0, take))
+                    table = table.slice(take)
+                    rows += take
+        if writer is None:  # an empty input still gets one (empty) file
+            files.files.append(AtomicFile(resolve_output(str(split_name(plan.target.path, 0)))))
+            writer = ParquetSink(files.files[-1].stream, schema, compression)
+        writer.close()
+    except BaseException:
+        files.abort()
+        raise
+    return files
 
 
 def _write_segment(path: Path, schema: Any, compression: Any, batches: list[Any]) -> None:
@@ -456,30 +559,3 @@ def run_perturb(inputs: list[str], output: str, settings: PerturbSettings, index
         settings = settings.with_(format=Format(fmt))
     return execute(plan_run(inputs, output, settings, resume=resume), index,
                    progress=progress, on_chunk=on_chunk, notify=notify)
-
-
-# --- signals ----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def signals_as_interrupts() -> Iterator[None]:
-    """SIGTERM and SIGHUP stop a run exactly like Ctrl-C (workers stopped, temporary files
-    removed), raising Interrupted so the CLI exits 143 / 129 / 130."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    fired: list[int] = []
-
-    def handler(signum: int, _frame: Any) -> None:
-        if fired:  # a second signal while cleaning up: let the cleanup finish
-            return
-        fired.append(signum)
-        raise Interrupted(signum)
-
-    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, previous in saved.items():
-            signal.signal(sig, previous)

@@ -1,0 +1,255 @@
+"""The format codecs: format inference, compression, line chunking, the JSONL splice, text, Parquet.
+
+The line codecs are driven with a plain function standing in for the perturbation: these tests
+are about which bytes a codec keeps and where it splices, so the replacement is made visible
+(upper case); tests/test_cli.py and tests/test_faults.py run the same codecs with the real
+mechanism end to end.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from privtext.codecs import (
+    Format,
+    format_of_name,
+    infer_format,
+    iter_line_chunks,
+    open_input,
+)
+from privtext.codecs import jsonl as jsonl_codec
+from privtext.codecs import text as text_codec
+from privtext.codecs.compression import compress_piece, split_compression
+from privtext.codecs.lines import RecordError
+from privtext.codecs.parquet import ParquetSink, ParquetSource, column_values, rebuild
+from privtext.errors import InputFormatError, UsageError
+from privtext.text import ChunkCounters
+
+
+def upper(texts: list[str]) -> tuple[list[str], ChunkCounters]:
+    return [t.upper() for t in texts], ChunkCounters(records=len(texts))
+
+
+def splice(line: bytes, field: str = "text", on_error: str = "fail") -> bytes:
+    out = jsonl_codec.transform([line], 1, field.split("."), on_error, upper)
+    assert out.error is None, out.error
+    return out.payload
+
+
+# --- names and formats ----------------------------------------------------------------------
+
+
+def test_format_inference_and_compression_suffixes() -> None:
+    assert format_of_name("a/b.jsonl.gz") is Format.JSONL
+    assert format_of_name("x.PARQUET") is Format.PARQUET
+    assert format_of_name("notes.txt.zst") is Format.TEXT
+    assert format_of_name("x.csv") is None
+    assert split_compression("a.jsonl.ZST") == ("a.jsonl", ".zst")
+    assert split_compression("a.jsonl") == ("a.jsonl", None)
+    assert infer_format("-", "text") is Format.TEXT
+    with pytest.raises(UsageError, match="pass --format"):
+        infer_format("x.csv", None)
+    with pytest.raises(UsageError, match="stdin"):
+        infer_format("-", None)
+
+
+# --- compression ------------------------------------------------------------------------------
+
+
+def test_compressed_pieces_concatenate_into_one_stream(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import zstandard
+
+    parts = [b"a\n" * 1000, b"b\n" * 10, b"c\n"]
+    gz = b"".join(compress_piece(p, ".gz") for p in parts)
+    assert gzip.decompress(gz) == b"".join(parts)
+    assert compress_piece(b"x", ".gz") == compress_piece(b"x", ".gz")  # mtime 0: deterministic
+    zst = b"".join(compress_piece(p, ".zst") for p in parts)
+    (tmp_path / "a.jsonl.zst").write_bytes(zst)
+    with open_input(str(tmp_path / "a.jsonl.zst")) as fh:
+        assert fh.read() == b"".join(parts)
+    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(zst), read_across_frames=True)
+    assert reader.read() == b"".join(parts)
+
+
+@pytest.mark.parametrize("ext", [".gz", ".zst"])
+def test_truncated_input_names_the_file_and_the_offset(tmp_path, ext: str) -> None:  # type: ignore[no-untyped-def]
+    data = b"".join(b'{"text": "line %d"}\n' % i for i in range(50_000))
+    packed = compress_piece(data, ext)
+    path = tmp_path / f"in.jsonl{ext}"
+    path.write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(InputFormatError) as info, open_input(str(path)) as fh:
+        for _ in iter_line_chunks(fh, 1000):
+            pass
+    message = str(info.value)
+    assert str(path) in message and "truncated" in message and "decompressed bytes" in message
+    offset = int(message.split(" after ")[1].split()[0])
+    assert 0 < offset < len(data)
+
+
+def test_a_plain_file_named_gz_is_a_data_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "in.jsonl.gz"
+    path.write_bytes(b'{"text": "not compressed"}\n')
+    with pytest.raises(InputFormatError, match="not a valid gzip file"), open_input(str(path)) as fh:
+        fh.read()
+
+
+# --- line chunks ----------------------------------------------------------------------------------
+
+
+def test_line_chunks_end_at_the_record_count_or_the_byte_cap() -> None:
+    lines = [b"x" * 10 + b"\n"] * 10 + [b"y" * 100 + b"\n"] * 3 + [b"last"]  # 11, 101 and 4 bytes
+    chunks = list(iter_line_chunks(io.BytesIO(b"".join(lines)), 4, max_bytes=150))
+    assert [len(c.lines) for c in chunks] == [4, 4, 4, 2]  # the third ends at the byte cap
+    assert [c.first_line for c in chunks] == [1, 5, 9, 13]
+    assert chunks[-1].end_offset == len(b"".join(lines))
+    assert b"".join(b"".join(c.lines) for c in chunks) == b"".join(lines)
+    # starting again at a boundary cuts the rest exactly as before (what --resume relies on)
+    rest = b"".join(lines)[chunks[2].end_offset :]
+    again = list(iter_line_chunks(io.BytesIO(rest), 4, max_bytes=150, first_line=13,
+                                  offset=chunks[2].end_offset))
+    assert [(c.first_line, c.end_offset) for c in again] == [(c.first_line, c.end_offset) for c in chunks[3:]]
+
+
+# --- the JSONL splice -----------------------------------------------------------------------------
+
+
+def test_only_the_field_bytes_change() -> None:
+    line = (b'{ "id" :  12345678901234567890123456789 ,"f":1e400, "g": -0.0e-0,"esc":"\\u00e9\\n\\ud83d\\ude00",'
+            b'"text" : "the caf\\u00e9 \\"quoted\\"",\t"nested": {"text": "inner"}, "arr": [1, {"text": "x"}] }')
+    out = splice(line + b"\n")
+    start = line.index(b'"text" : ') + len(b'"text" : ')
+    end = line.index(b',\t"nested"')
+    assert out[:start] == line[:start] and out[start + 1 :].endswith(line[end:] + b"\n")
+    assert json.loads(out)["text"] == 'THE CAFÉ "QUOTED"'
+    assert out.count(b"inner") == 1 and b'"text": "x"' in out  # other levels untouched
+
+
+def test_duplicate_keys_are_all_perturbed_and_kept() -> None:
+    out = jsonl_codec.transform([b'{"text": "a", "n": 1, "text": "b"}\n'], 1, ["text"], "fail", upper)
+    assert out.payload == b'{"text": "A", "n": 1, "text": "B"}\n'
+    assert out.counters.records == 1  # one record, two values
+
+
+def test_nested_field_by_path_and_crlf_ending() -> None:
+    assert splice(b'{"doc": {"lang": "en", "body": "hi there"}, "body": "top"}\r\n', "doc.body") == \
+        b'{"doc": {"lang": "en", "body": "HI THERE"}, "body": "top"}\r\n'
+
+
+def test_output_escaping_is_valid_json_for_any_replacement() -> None:
+    def weird(texts: list[str]) -> tuple[list[str], ChunkCounters]:
+        return ['"\\\n\t\x00\u2028é😀' for _ in texts], ChunkCounters(records=len(texts))
+
+    out = jsonl_codec.transform([b'{"text": "x"}'], 1, ["text"], "fail", weird)
+    assert json.loads(out.payload)["text"] == '"\\\n\t\x00\u2028é😀'
+    assert not out.payload.endswith(b"\n")  # a last line without a newline stays without one
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    (b'{"text": "a\\ud800b"}', "lone surrogate"),
+    (b'{"text": "bad \\x escape"}', "not valid JSON"),
+    (b'{"text": "a"', "not valid JSON"),
+    (b'{"text": "a"} trailing', "not valid JSON"),
+    (b'["text"]', "not a JSON object"),
+    (b'{"txt": "a"}', "field 'text' is missing"),
+    (b'{"text": 5}', "field 'text' is not a string"),
+    (b'{"text": "\xff"}', "not valid UTF-8"),
+])
+def test_invalid_records_fall_under_on_error(line: bytes, reason: str) -> None:
+    lines = [b'{"text": "ok"}\n', line + b"\n", b"\n"]
+    fail = jsonl_codec.transform(lines, 7, ["text"], "fail", upper)
+    assert fail.error is not None and fail.error[0] == 8 and reason in fail.error[1]
+    skip = jsonl_codec.transform(lines, 7, ["text"], "skip", upper)
+    assert skip.payload == b'{"text": "OK"}\n\n' and skip.counters.errors_skipped == 1
+    keep = jsonl_codec.transform(lines, 7, ["text"], "keep", upper)
+    assert keep.payload == b'{"text": "OK"}\n' + line + b"\n\n" and keep.counters.errors_kept == 1
+
+
+def test_locate_never_puts_content_in_reasons() -> None:
+    with pytest.raises(RecordError) as info:
+        jsonl_codec.locate('{"secret words": 1}', ["text"])
+    assert "secret" not in str(info.value)
+
+
+# --- text ------------------------------------------------------------------------------------------
+
+
+def test_text_lines_keep_endings_and_blank_lines() -> None:
+    out = text_codec.transform([b"one two\r\n", b"\n", b"three"], 1, ["text"], "fail", upper)
+    assert out.payload == b"ONE TWO\r\n\nTHREE" and out.counters.records == 3
+    bad = text_codec.transform([b"ok\n", b"\xff\xfe\n"], 1, ["text"], "fail", upper)
+    assert bad.error == (2, "not valid UTF-8")
+
+
+# --- Parquet ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("col_type", [pa.string(), pa.large_string(), pa.dictionary(pa.int32(), pa.string())])
+def test_parquet_rebuild_keeps_the_column_type(col_type: pa.DataType) -> None:
+    values = ["a b", None, "a b", "c"]
+    column = pa.array(values, type=col_type) if not pa.types.is_dictionary(col_type) else \
+        pa.array(values).dictionary_encode()
+    batch = pa.RecordBatch.from_arrays([pa.array([1, 2, 3, 4]), column], names=["id", "text"])
+    got = column_values(batch, "text")
+    assert got == values
+    new = rebuild(batch, "text", [v.upper() if v else v for v in got])
+    assert new.schema.equals(batch.schema)
+    assert new.column(1).to_pylist() == ["A B", None, "A B", "C"]
+
+
+def test_parquet_keeps_row_groups_and_codec(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    table = pa.table({"id": list(range(250)), "text": [f"t {i}" for i in range(250)]})
+    src = tmp_path / "in.parquet"
+    pq.write_table(table, src, row_group_size=100, compression="gzip")
+    source = ParquetSource.open(str(src))
+    assert source.compression() == "gzip"
+    chunks = list(source.chunks(40))
+    assert [(c.row_group, c.batch.num_rows, c.last_in_group) for c in chunks] == [
+        (0, 40, False), (0, 40, False), (0, 20, True), (1, 40, False), (1, 40, False), (1, 20, True),
+        (2, 40, False), (2, 10, True)]
+    out = tmp_path / "out.parquet"
+    sink = ParquetSink(str(out), source.schema, source.compression())
+    group: list[pa.RecordBatch] = []
+    for chunk in chunks:
+        group.append(chunk.batch)
+        if chunk.last_in_group:
+            sink.write_group(group)
+            group = []
+    sink.close()
+    meta = pq.ParquetFile(out).metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [100, 100, 50]
+    assert meta.row_group(0).column(1).compression == "GZIP"
+    assert pq.read_table(out).equals(table)
+
+
+def test_parquet_field_checks_and_unreadable_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"n": [1], "text": ["a"]}), src)
+    source = ParquetSource.open(str(src))
+    with pytest.raises(UsageError, match="not a top-level column"):
+        source.check_field("body")
+    with pytest.raises(UsageError, match="not string"):
+        source.check_field("n")
+    (tmp_path / "fake.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(InputFormatError, match=r"cannot read .* as Parquet"):
+        ParquetSource.open(str(tmp_path / "fake.parquet"))
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    (b'{"a": {"text": "inner"}, "te\\u0078t": "outer"}', b'{"a": {"text": "inner"}, "te\\u0078t": "OUTER"}'),
+    (b'{"say \\"text": "k", "text": "v"}', b'{"say \\"text": "k", "text": "V"}'),
+    (b'{"note": "a \\"text\\": b", "text": "v"}', b'{"note": "a \\"text\\": b", "text": "V"}'),
+    (b'{"a.b+": "x", "text": "v"}', b'{"a.b+": "x", "text": "V"}'),
+])
+def test_the_fast_path_never_splices_the_wrong_occurrence(line: bytes, expected: bytes) -> None:
+    assert splice(line) == expected
+
+
+def test_a_key_with_regex_characters() -> None:
+    out = jsonl_codec.transform([b'{"c++": "x y", "z": 1}'], 1, ["c++"], "fail", upper)
+    assert out.payload == b'{"c++": "X Y", "z": 1}'

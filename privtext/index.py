@@ -384,14 +384,16 @@ class EmbeddingIndex:
         }
 
     def derived_artifact(
-        self, name: str, params: dict[str, Any], build: Callable[[EmbeddingIndex], np.ndarray]
+        self, name: str, params: dict[str, Any], build: Callable[[EmbeddingIndex], np.ndarray],
+        *, uncached_if_read_only: bool = False,
     ) -> np.ndarray:
         """A mechanism's per-index precomputation, built once and then memory-mapped.
 
         `build` must be deterministic and use only public data (the vectors). Call this in the
         parent process before workers start, so workers only ever read the finished file. A
         read-only cache serves every artifact already built; a missing one is an error that
-        says how to build it.
+        says how to build it, unless `uncached_if_read_only` (for cheap or optional artifacts,
+        such as a report figure): then it is built in memory and not kept.
         """
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
         target = self.path / "derived" / f"{name}-{digest}.npy"
@@ -402,6 +404,8 @@ class EmbeddingIndex:
                 lock = _file_lock(target.with_suffix(".lock"))
                 lock.__enter__()
             except OSError as exc:
+                if uncached_if_read_only:
+                    return np.asarray(build(self))
                 shown = ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
                 raise IndexCacheError(
                     f"the index cache {self.path} is read-only ({exc.strerror}) and lacks the derived "

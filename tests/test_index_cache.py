@@ -248,6 +248,10 @@ def _use_read_only(spec: IndexSpec, ro: Path, prior: np.ndarray) -> None:
     np.testing.assert_array_equal(opened.index.derived_artifact("demo", {"p": 1}, lambda ix: 1 / 0), prior)
     with pytest.raises(IndexCacheError, match=r"read-only.*lacks the derived file other"):
         opened.index.derived_artifact("other", {"p": 2}, lambda ix: np.zeros(3))
+    # an optional artifact is computed in memory instead, and nothing is written
+    np.testing.assert_array_equal(opened.index.derived_artifact(
+        "other", {"p": 2}, lambda ix: np.ones(3), uncached_if_read_only=True), np.ones(3))
+    assert not list((opened.index.path / "derived").glob("other*"))
     # a build is needed (forced): the error says where to build instead of a traceback
     with pytest.raises(IndexCacheError, match=r"cannot build the index.*--cache-dir"):
         ensure_index(spec, ro, force=True, progress=False)

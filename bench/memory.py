@@ -81,7 +81,7 @@ def measure(src: Path, out: Path, workers: int) -> tuple[float, int, float]:
     sampler = threading.Thread(target=sample, daemon=True)
     start = time.monotonic()
     sampler.start()
-    proc = subprocess.run([sys.executable, "-m", "privtext", "perturb", str(src), "-o", str(out),
+    proc = subprocess.run([sys.executable, "-m", "privtext", "perturb", "--no-risk", str(src), "-o", str(out),
                            "--epsilon", "300", "--workers", str(workers), "-q"], env=env,
                           capture_output=True)
     done.set()

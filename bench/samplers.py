@@ -87,7 +87,7 @@ def end_to_end(name: str, epsilon: float, params: dict[str, Any], words: int, wo
     if not corpus.exists():
         throughput.write_jsonl(corpus, throughput.take_words(throughput.newsgroups_texts(), words))
     report = out / f"report-{name}.json"
-    cmd = [sys.executable, "-m", "privtext", "perturb", str(corpus), "-o", os.devnull, "--format", "jsonl",
+    cmd = [sys.executable, "-m", "privtext", "perturb", "--no-risk", str(corpus), "-o", os.devnull, "--format", "jsonl",
            "--mechanism", name, "--epsilon", str(epsilon), "--vocab-size", str(vocab),
            "--workers", str(workers), "--report", str(report), "-q"]
     for key, value in params.items():

@@ -208,6 +208,12 @@ class Anonymizer:
 
     def perturb(self, texts: Iterable[str | None], stream: StreamId | None = None) -> list[str | None]:
         """Perturbed copies of `texts`, in order; None stays None (counted as a null value)."""
+        return self.perturb_batch(texts, stream)[0]
+
+    def perturb_batch(self, texts: Iterable[str | None],
+                      stream: StreamId | None = None) -> tuple[list[str | None], Counters]:
+        """`perturb`, also returning this batch's own counts (they are added to `counters` as
+        well): for callers that merge counts themselves, such as the CLI's chunks."""
         if isinstance(texts, (str, bytes)):
             raise InputTypeError("perturb() takes a list of texts, not one string; "
                                  "wrap it: anon.perturb([text])")
@@ -230,7 +236,7 @@ class Anonymizer:
         with self._lock:
             self._counters.merge(counters)
             self._seconds += time.perf_counter() - start
-        return out
+        return out, counters
 
     def perturb_arrow(self, data: Any, column: str = "text", stream: StreamId | None = None) -> Any:
         """A copy of a pyarrow RecordBatch or Table with `column` perturbed.

@@ -10,18 +10,16 @@ so memory follows a bounded piece, not the record.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from privtext.codecs import jsonl as jsonl_codec
 from privtext.codecs import text as text_codec
 from privtext.codecs.compression import compress_piece
-from privtext.index import EmbeddingIndex
-from privtext.mechanisms import create
-from privtext.mechanisms.base import Mechanism
-from privtext.randomness import chunk_rng
 from privtext.settings import Format, PerturbSettings
-from privtext.text import ChunkCounters, TextPerturber
+from privtext.text import ChunkCounters
+
+if TYPE_CHECKING:
+    from privtext.api import Anonymizer
 
 
 @dataclass(frozen=True)
@@ -43,28 +41,24 @@ class ChunkResult:
 
 
 class ChunkProcessor:
-    """Turns one chunk into its output. One instance per process (a worker, or the caller)."""
+    """Turns one chunk into its output. One instance per process (a worker, or the caller).
 
-    def __init__(self, index: EmbeddingIndex, mechanism: Mechanism, settings: PerturbSettings, key: int):
+    The text work is the library's: chunk c of input i is `Anonymizer.perturb_batch` on stream
+    (i, c), exactly what a library or engine caller gets for that stream id."""
+
+    def __init__(self, anonymizer: Anonymizer, settings: PerturbSettings):
         self.settings = settings
-        self.key = key
-        self.perturber = TextPerturber(index, mechanism, settings.oov, settings.mask_token)
+        self.anonymizer = anonymizer
         self.path = settings.field_path
 
     def process(self, task: ChunkTask) -> ChunkResult:
-        rng = chunk_rng(self.key, task.input_id, task.chunk_index)
+        stream = (task.input_id, task.chunk_index)
 
         def perturb(texts: list[str]) -> tuple[list[str], ChunkCounters]:
-            return self.perturber.perturb_documents(texts, rng)
+            return self.anonymizer.perturb_batch(texts, stream)  # type: ignore[return-value]
 
         if task.fmt is Format.PARQUET:
-            values: list[str | None] = task.payload
-            slots = [i for i, v in enumerate(values) if v is not None]
-            texts, counters = perturb([values[i] for i in slots])  # type: ignore[misc]
-            new_values = list(values)
-            for i, text in zip(slots, texts):
-                new_values[i] = text
-            counters.null_values = len(values) - len(slots)
+            new_values, counters = self.anonymizer.perturb_batch(task.payload, stream)
             return ChunkResult(task.chunk_index, new_values, counters)
         codec = jsonl_codec if task.fmt is Format.JSONL else text_codec
         out = codec.transform(task.payload, task.first_line, self.path, self.settings.on_error.value, perturb)
@@ -72,9 +66,13 @@ class ChunkProcessor:
                            out.counters, out.error)
 
 
-def build_processor(index_path: str, settings: PerturbSettings, key: int) -> ChunkProcessor:
-    """The worker-side factory: opens the index cache by path (memory-mapped, shared through the
-    page cache) and creates the mechanism, whose derived files the caller already prepared."""
-    index = EmbeddingIndex(Path(index_path))
-    mechanism = create(settings.mechanism, index, settings.epsilon, settings.params)
-    return ChunkProcessor(index, mechanism, settings, key)
+def build_processor(anonymizer_state: dict[str, Any], settings: PerturbSettings) -> ChunkProcessor:
+    """The worker-side factory. It gets `Anonymizer.state()` (index path, manifest digest,
+    mechanism spec, run key; never arrays) rather than a pickled Anonymizer, so that a missing or
+    changed cache fails inside the factory, where the executor reports it as a one-line error,
+    and not while the worker is still unpickling its arguments. Restoring opens the index by
+    memory map (shared through the page cache) and checks its digest; the caller already
+    prepared the mechanism's derived files."""
+    from privtext.api import restore
+
+    return ChunkProcessor(restore(anonymizer_state), settings)

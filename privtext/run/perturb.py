@@ -45,9 +45,8 @@ from privtext.codecs.parquet import (
 )
 from privtext.errors import InputFormatError, ResumeError, UsageError
 from privtext.index import EmbeddingIndex
-from privtext.mechanisms import create
 from privtext.mechanisms.base import Mechanism
-from privtext.randomness import run_key, seed_commitment
+from privtext.randomness import seed_commitment
 from privtext.run.chunks import ChunkProcessor, ChunkTask, build_processor
 from privtext.run.executor import ChunkExecutor, signals_held
 from privtext.run.journal import Journal, WorkPaths, counters_to_dict, input_identity
@@ -99,12 +98,17 @@ class RunSession:
     def __init__(self, index: EmbeddingIndex, settings: PerturbSettings, workers: int | None = None):
         self.index = index
         self.settings = settings
-        self.mechanism = create(settings.mechanism, index, settings.epsilon, settings.params)
-        self.mechanism.prepare()  # derived files are built here, once, before any worker reads them
-        self.key = run_key(settings.seed)
+        from privtext.api import Anonymizer
+
+        # The library's front door does the work: it creates the mechanism and prepares its
+        # derived files here, once, before any worker reads them; workers get it pickled.
+        self.anonymizer = Anonymizer(settings.mechanism, epsilon=settings.epsilon,
+                                     params=settings.params, oov=settings.oov.value,
+                                     mask_token=settings.mask_token, seed=settings.seed, index=index)
+        self.mechanism = self.anonymizer.mechanism
         self.workers = workers or settings.effective_workers()
-        local = ChunkProcessor(index, self.mechanism, settings, self.key) if self.workers == 1 else None
-        self.executor = ChunkExecutor(partial(build_processor, str(index.path), settings, self.key),
+        local = ChunkProcessor(self.anonymizer, settings) if self.workers == 1 else None
+        self.executor = ChunkExecutor(partial(build_processor, self.anonymizer.state(), settings),
                                       self.workers, local)
 
     def close(self, interrupted: bool = False) -> None:

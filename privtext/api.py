@@ -222,7 +222,7 @@ class Anonymizer:
             slots.append(i)
         rng = self._take_stream(stream)
         start = time.perf_counter()
-        new_texts, counters = self._core.perturber.perturb_texts([values[i] for i in slots], rng)
+        new_texts, counters = self._core.perturber.perturb_documents([values[i] for i in slots], rng)
         counters.null_values = len(values) - len(slots)
         out: list[str | None] = list(values)
         for i, text in zip(slots, new_texts):

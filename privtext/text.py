@@ -17,8 +17,10 @@ UPPER).
 from __future__ import annotations
 
 import codecs
+import re
 import threading
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from itertools import pairwise, repeat
@@ -272,6 +274,29 @@ class _Vocabulary:
         return buffer
 
 
+# Documents longer than this are perturbed piece by piece; a piece ends just before whitespace,
+# which never belongs to a word, so no word is ever cut.
+LONG_DOCUMENT_CHARS = 1 << 18
+PIECE_CHARS = 1 << 16
+_WHITESPACE = re.compile(r"\s")
+
+
+def iter_pieces(text: str, piece: int = PIECE_CHARS) -> Iterator[str]:
+    """Pieces of about `piece` characters, each cut just before a whitespace character; made
+    one at a time, so only one piece's copy exists beside the text."""
+    start = 0
+    while len(text) - start > piece:
+        cut = max(text.rfind(c, start + 1, start + piece) for c in " \n\t\r")
+        if cut <= start:
+            match = _WHITESPACE.search(text, start + piece)
+            if match is None:
+                break
+            cut = match.start()
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
 class TextPerturber:
     """Applies a mechanism to the word tokens of many documents in one vectorised call."""
 
@@ -291,6 +316,40 @@ class TextPerturber:
         if self._vocab is None:
             self._vocab = _Vocabulary(self._index.words)
         return self._vocab
+
+    def perturb_documents(self, texts: list[str], rng: np.random.Generator,
+                          long_chars: int = LONG_DOCUMENT_CHARS) -> tuple[list[str], ChunkCounters]:
+        """`perturb_texts`, with documents longer than `long_chars` perturbed piece by piece
+        (each still counted as one document), so memory follows a bounded piece rather than the
+        largest record: one 30 MB record does not turn into gigabytes of token arrays. The CLI's
+        chunks and the library's batches both come through here, so they draw the same noise."""
+        if all(len(t) <= long_chars for t in texts):
+            return self.perturb_texts(texts, rng)
+        out: list[str] = list(texts)
+        total = ChunkCounters()
+        short = [i for i, t in enumerate(texts) if len(t) <= long_chars]
+        if short:
+            done, counters = self.perturb_texts([texts[i] for i in short], rng)
+            for i, new in zip(short, done):
+                out[i] = new
+            total.merge(counters)
+        for i, text in enumerate(texts):
+            if len(text) <= long_chars:
+                continue
+            parts: list[str] = []
+            perturbed = 0
+            for piece in iter_pieces(text):
+                (new,), counters = self.perturb_texts([piece], rng)
+                parts.append(new)
+                perturbed += counters.perturbed
+                counters.records = 0
+                counters.doc_hist = np.zeros(1, dtype=np.int64)
+                total.merge(counters)
+            out[i] = "".join(parts)
+            hist = np.zeros(perturbed + 1, dtype=np.int64)
+            hist[perturbed] = 1
+            total.merge(ChunkCounters(records=1, doc_hist=hist))
+        return out, total
 
     def perturb_texts(self, texts: list[str], rng: np.random.Generator) -> tuple[list[str], ChunkCounters]:
         counters = ChunkCounters(records=len(texts))

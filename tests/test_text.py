@@ -309,3 +309,21 @@ def test_threads_sharing_a_perturber_get_their_own_results(glove_small) -> None:
             got = list(pool.map(lambda ic: perturber.perturb_texts(ic[1], np.random.default_rng(ic[0]))[0],
                                 enumerate(chunks)))
             assert got == expected
+
+
+def test_long_documents_are_perturbed_in_pieces_without_cutting_words(glove_small) -> None:  # type: ignore[no-untyped-def]
+    from privtext.text import iter_pieces
+
+    rng = np.random.default_rng(5)
+    words = ["the", "man", "said", "World", "qzxvbnm", "day"]
+    long_doc = " ".join(rng.choice(words, size=3000).tolist()) + "!\n"
+    texts = ["a short one", long_doc, "", "the end"]
+    pieces = list(iter_pieces(long_doc, 200))
+    assert "".join(pieces) == long_doc and len(pieces) > 10
+    assert all(p[:1].isspace() for p in pieces[1:])  # every cut lies just before whitespace
+
+    perturber = _perturber(glove_small, "mask")
+    whole, whole_counts = perturber.perturb_texts(texts, np.random.default_rng(0))
+    split, split_counts = perturber.perturb_documents(texts, np.random.default_rng(0), long_chars=500)
+    assert split == whole  # at ε = 1e6 every word maps to itself: identical text either way
+    assert _counts(split_counts) == _counts(whole_counts)  # one document each, same histogram

@@ -3,20 +3,15 @@
 A chunk's randomness is `chunk_rng(run key, input number, chunk index)`, never the worker's, so
 the output is the same for any worker count and a resumed run reproduces it. The text work goes
 through `TextPerturber.perturb_texts`, the one place that tokenizes and perturbs; the format work
-through the codecs. A very long record is perturbed in pieces cut at whitespace (a word never
-holds whitespace), so memory follows a bounded piece, not the record: one 30 MB record does not
-turn into gigabytes of token lists.
+through the codecs. A very long record is perturbed in pieces (`TextPerturber.perturb_documents`),
+so memory follows a bounded piece, not the record.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from privtext.codecs import jsonl as jsonl_codec
 from privtext.codecs import text as text_codec
@@ -27,10 +22,6 @@ from privtext.mechanisms.base import Mechanism
 from privtext.randomness import chunk_rng
 from privtext.settings import Format, PerturbSettings
 from privtext.text import ChunkCounters, TextPerturber
-
-LONG_DOCUMENT_CHARS = 1 << 18  # longer records are perturbed piece by piece
-PIECE_CHARS = 1 << 16
-_SPACE = re.compile(r"\s")
 
 
 @dataclass(frozen=True)
@@ -51,58 +42,6 @@ class ChunkResult:
     error: tuple[int, str] | None = None  # (line number, reason) when --on-error fail stops
 
 
-def iter_pieces(text: str, piece: int = PIECE_CHARS) -> Iterator[str]:
-    """Pieces of about `piece` characters, each cut just before a whitespace character; made
-    one at a time, so only one piece's copy exists beside the text."""
-    start = 0
-    while len(text) - start > piece:
-        cut = max(text.rfind(c, start + 1, start + piece) for c in " \n\t\r")
-        if cut <= start:
-            match = _SPACE.search(text, start + piece)
-            if match is None:
-                break
-            cut = match.start()
-        yield text[start:cut]
-        start = cut
-    yield text[start:]
-
-
-def split_long(text: str, piece: int = PIECE_CHARS) -> list[str]:
-    return list(iter_pieces(text, piece))
-
-
-def perturb_documents(perturber: TextPerturber, texts: list[str], rng: np.random.Generator,
-                      long_chars: int = LONG_DOCUMENT_CHARS) -> tuple[list[str], ChunkCounters]:
-    """perturb_texts for a chunk, with long documents cut into pieces (counted as one document)."""
-    if all(len(t) <= long_chars for t in texts):
-        return perturber.perturb_texts(texts, rng)
-    out: list[str] = list(texts)
-    total = ChunkCounters()
-    short = [i for i, t in enumerate(texts) if len(t) <= long_chars]
-    if short:
-        done, counters = perturber.perturb_texts([texts[i] for i in short], rng)
-        for i, new in zip(short, done):
-            out[i] = new
-        total.merge(counters)
-    for i, text in enumerate(texts):
-        if len(text) <= long_chars:
-            continue
-        parts: list[str] = []
-        perturbed = 0
-        for piece in iter_pieces(text):
-            (new,), counters = perturber.perturb_texts([piece], rng)
-            parts.append(new)
-            perturbed += counters.perturbed
-            counters.records = 0
-            counters.doc_hist = np.zeros(1, dtype=np.int64)
-            total.merge(counters)
-        out[i] = "".join(parts)
-        hist = np.zeros(perturbed + 1, dtype=np.int64)
-        hist[perturbed] = 1
-        total.merge(ChunkCounters(records=1, doc_hist=hist))
-    return out, total
-
-
 class ChunkProcessor:
     """Turns one chunk into its output. One instance per process (a worker, or the caller)."""
 
@@ -116,7 +55,7 @@ class ChunkProcessor:
         rng = chunk_rng(self.key, task.input_id, task.chunk_index)
 
         def perturb(texts: list[str]) -> tuple[list[str], ChunkCounters]:
-            return perturb_documents(self.perturber, texts, rng)
+            return self.perturber.perturb_documents(texts, rng)
 
         if task.fmt is Format.PARQUET:
             values: list[str | None] = task.payload

@@ -34,6 +34,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol, TypeVar
 
 from privtext.errors import Interrupted, PrivtextError, WorkerError
+from privtext.run.outputs import pid_alive
 
 M = TypeVar("M")
 
@@ -57,7 +58,7 @@ def _die_with_parent(main_pid: int) -> None:
         with contextlib.suppress(Exception):
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent or not _pid_alive(main_pid):
+    if os.getppid() != parent or not pid_alive(main_pid):
         os._exit(1)  # the parent died before the signal was armed
 
     def watch() -> None:
@@ -65,20 +66,10 @@ def _die_with_parent(main_pid: int) -> None:
         # process goes); the watchdog also covers platforms without prctl and the main process.
         while True:
             time.sleep(WATCHDOG_SECONDS)
-            if os.getppid() != parent or not _pid_alive(main_pid):
+            if os.getppid() != parent or not pid_alive(main_pid):
                 os._exit(1)
 
     threading.Thread(target=watch, name="privtext-parent-watchdog", daemon=True).start()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _worker_init(factory: Callable[[], Processor], main_pid: int) -> None:

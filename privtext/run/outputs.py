@@ -159,7 +159,7 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
         if not entry.name.startswith(prefix):
             continue
         match = _PID_TMP.search(entry.name)
-        if match is None or _alive(int(match.group(1))):
+        if match is None or pid_alive(int(match.group(1))):
             continue
         with contextlib.suppress(OSError):
             os.unlink(entry.path)
@@ -167,7 +167,8 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (ours counts; another user's too)."""
     if pid == os.getpid():
         return True
     try:

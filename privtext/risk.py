@@ -379,7 +379,9 @@ def cached_attack_success(mechanism: Mechanism, priors: Sequence[str] = PRIORS,
         return np.array([[r.attack_success, r.interval[0], r.interval[1], r.draws, r.seconds,
                           1.0 if r.method == "exact" else 0.0] for r in (fresh[p] for p in priors)])
 
-    table = np.asarray(mechanism.index.derived_artifact("attack-success", key, build))
+    # A read-only shared cache still reports the figure: computed in memory, not kept.
+    table = np.asarray(mechanism.index.derived_artifact("attack-success", key, build,
+                                                        uncached_if_read_only=True))
     if fresh:
         return fresh
     n = mechanism.index.n

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from privtext.index import DEFAULT_NEIGHBORS, DEFAULT_VOCAB_SIZE, EmbeddingIndex
 from privtext.randomness import chunk_rng, run_key
 from privtext.spec import RunSpec, manifest_digest
 from privtext.text import DEFAULT_MASK_TOKEN, OovPolicy, TextPerturber
+
+if TYPE_CHECKING:
+    from privtext.mechanisms.base import Mechanism
 
 STATE_FORMAT = 1
 _IMPLICIT_DOMAIN = b"privtext-implicit-streams-v1\x00"
@@ -68,14 +71,19 @@ def list_mechanisms() -> list[str]:
 class _Core:
     """The heavy, shareable part: index (memory-mapped), prepared mechanism, text perturber."""
 
-    def __init__(self, index: EmbeddingIndex, mechanism: str, epsilon: float,
-                 params: dict[str, Any], oov: str, mask_token: str):
+    def __init__(self, mechanism: Any, oov: str, mask_token: str):
+        self.index = mechanism.index
+        self.mechanism = mechanism
+        self.perturber = TextPerturber(self.index, mechanism, oov, mask_token)
+
+    @classmethod
+    def create(cls, index: EmbeddingIndex, mechanism: str, epsilon: float,
+               params: dict[str, Any], oov: str, mask_token: str) -> _Core:
         from privtext.mechanisms import create
 
-        self.index = index
-        self.mechanism = create(mechanism, index, epsilon, params)
-        self.mechanism.prepare()
-        self.perturber = TextPerturber(index, self.mechanism, oov, mask_token)
+        created = create(mechanism, index, epsilon, params)
+        created.prepare()
+        return cls(created, oov, mask_token)
 
 
 # One core per (index, spec) per process: an engine executor restores an Anonymizer for every
@@ -129,9 +137,26 @@ class Anonymizer:
             opened = index
         else:
             opened = open_index(path=index)
-        core = _Core(opened, mechanism, float(epsilon), params, oov, mask_token)
+        core = _Core.create(opened, mechanism, float(epsilon), params, oov, mask_token)
         spec = RunSpec.from_mechanism(core.mechanism, oov, mask_token, seed)
         self._init(core, spec, run_key(seed), copy=False)
+
+    @classmethod
+    def from_mechanism(cls, mechanism: Mechanism, *, oov: str = "mask",
+                       mask_token: str = DEFAULT_MASK_TOKEN, seed: str | int | None = None,
+                       key: int | None = None) -> Anonymizer:
+        """An Anonymizer around a mechanism already created and prepared on its index, for
+        analysis tools that sweep ε or parameters over one index (`privtext evaluate`).
+
+        `key` is a run key from `privtext.randomness.run_key` (secret, like a seed) for callers
+        that derive their own keys; without it the key comes from `seed` as in the constructor."""
+        if oov not in {p.value for p in OovPolicy}:
+            raise UsageError(f"oov must be one of mask, drop, keep, got {oov!r}")
+        anon = cls.__new__(cls)
+        spec = RunSpec.from_mechanism(mechanism, oov, mask_token, seed)
+        anon._init(_Core(mechanism, oov, mask_token), spec,
+                   key if key is not None else run_key(seed), copy=False)
+        return anon
 
     def _init(self, core: _Core, spec: RunSpec, key: int, copy: bool) -> None:
         self._core = core
@@ -311,7 +336,7 @@ def restore(state: dict[str, Any], index_path: str | Path | None = None) -> Anon
     with _CORES_LOCK:
         core = _CORES.get(cache_key)
         if core is None:
-            core = _Core(EmbeddingIndex(path), spec.mechanism, spec.epsilon, spec.params,
+            core = _Core.create(EmbeddingIndex(path), spec.mechanism, spec.epsilon, spec.params,
                          spec.oov, spec.mask_token)
             _CORES[cache_key] = core
     anon = Anonymizer.__new__(Anonymizer)

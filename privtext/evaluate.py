@@ -278,14 +278,29 @@ def subkey(key: int, label: str) -> int:
 
 def perturb_corpus(index: EmbeddingIndex, mechanism: Mechanism | _KeepVocabulary, texts: Sequence[str],
                    key: int, stream: int, oov: str) -> tuple[list[str], float | None]:
-    """Perturbed copies of `texts` (chunked, one keyed Generator per chunk) and the share of
-    in-vocabulary tokens left unchanged."""
-    perturber = TextPerturber(index, cast(Mechanism, mechanism), oov)
+    """Perturbed copies of `texts` and the share of in-vocabulary tokens left unchanged.
+
+    A mechanism runs through the library's front door (`Anonymizer.perturb_batch`), batch b on
+    stream (stream, b), exactly as the CLI keys chunk b of input `stream`. The vocabulary-only
+    baseline draws no randomness: it is the text path alone, applying the OOV policy."""
+    if isinstance(mechanism, _KeepVocabulary):
+        perturber = TextPerturber(index, cast(Mechanism, mechanism), oov)
+        unused = chunk_rng(key, stream, 0)  # the identity map never draws from it
+
+        def batch(chunk: list[str], _: int) -> tuple[list[str], Any]:
+            return perturber.perturb_documents(chunk, unused)
+    else:
+        from privtext.api import Anonymizer
+
+        anonymizer = Anonymizer.from_mechanism(mechanism, oov=oov, key=key)
+
+        def batch(chunk: list[str], number: int) -> tuple[list[str], Any]:
+            return anonymizer.perturb_batch(chunk, stream=(stream, number))  # type: ignore[return-value]
+
     out: list[str] = []
     perturbed = unchanged = 0
-    for chunk, start in enumerate(range(0, len(texts), _DOCS_PER_CALL)):
-        new, counters = perturber.perturb_texts(list(texts[start : start + _DOCS_PER_CALL]),
-                                                chunk_rng(key, stream, chunk))
+    for number, start in enumerate(range(0, len(texts), _DOCS_PER_CALL)):
+        new, counters = batch(list(texts[start : start + _DOCS_PER_CALL]), number)
         out.extend(new)
         perturbed += counters.perturbed
         unchanged += counters.unchanged

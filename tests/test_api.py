@@ -353,3 +353,13 @@ def test_fork_shares_the_index_but_not_streams_or_counters(anon: Anonymizer) -> 
         twin.perturb([LONG])
     twin.perturb([LONG], stream=(4, 5))
     assert twin.counters.records == 2 and anon.counters.records == 1
+
+
+def test_from_mechanism_draws_what_the_constructor_draws(glove_small) -> None:  # type: ignore[no-untyped-def]
+    from privtext.randomness import run_key
+
+    anon = Anonymizer("gumbel", epsilon=300, index=glove_small, seed="from-mechanism")
+    wrapped = Anonymizer.from_mechanism(anon.mechanism, key=run_key("from-mechanism"))
+    assert wrapped.perturb(TEXTS, stream=(3, 4)) == anon.perturb(TEXTS, stream=(3, 4))
+    with pytest.raises(UsageError, match="oov must be one of"):
+        Anonymizer.from_mechanism(anon.mechanism, oov="leak")

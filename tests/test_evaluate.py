@@ -124,6 +124,16 @@ def test_repeats_use_independent_noise(glove_small) -> None:  # type: ignore[no-
     assert a == a2 and a != b and 0.0 < share_a < 1.0
 
 
+def test_perturb_corpus_is_a_caller_of_the_front_door(glove_small) -> None:  # type: ignore[no-untyped-def]
+    from privtext.api import Anonymizer
+
+    mech = create("gumbel", glove_small, 300.0, {})
+    texts = _corpus(glove_small, 30, 2).texts
+    out, _ = perturb_corpus(glove_small, mech, texts, key=5, stream=7, oov="mask")
+    # batch 0 of stream 7 is exactly what the library gives for stream (7, 0) with the same key
+    assert out == Anonymizer.from_mechanism(mech, key=5).perturb(texts, stream=(7, 0))
+
+
 def test_oov_policy_is_applied_to_training_text(glove_small) -> None:  # type: ignore[no-untyped-def]
     texts = ["zzqxv " + glove_small.words[300]]
     mech = create("laplace", glove_small, 1e6, {})

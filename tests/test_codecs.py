@@ -170,6 +170,18 @@ def test_invalid_records_fall_under_on_error(line: bytes, reason: str) -> None:
     assert keep.payload == b'{"text": "OK"}\n' + line + b"\n\n" and keep.counters.errors_kept == 1
 
 
+def test_a_null_field_passes_through_like_a_null_parquet_value() -> None:
+    lines = [b'{"text": null, "id": 1}\n', b'{"doc": {"text": null}}\n', b'{"text": "ok"}\n']
+    out = jsonl_codec.transform(lines[:1] + lines[2:], 1, ["text"], "fail", upper)
+    assert out.error is None and out.payload == b'{"text": null, "id": 1}\n{"text": "OK"}\n'
+    assert out.counters.records == 2 and out.counters.null_values == 1
+    nested = jsonl_codec.transform(lines[1:2], 1, ["doc", "text"], "fail", upper)
+    assert nested.payload == lines[1] and nested.counters.null_values == 1
+    # a duplicated key with a null and a string: the string is perturbed, the null kept
+    both = jsonl_codec.transform([b'{"text": null, "text": "a"}'], 1, ["text"], "fail", upper)
+    assert both.payload == b'{"text": null, "text": "A"}' and both.counters.null_values == 0
+
+
 def test_locate_never_puts_content_in_reasons() -> None:
     with pytest.raises(RecordError) as info:
         jsonl_codec.locate('{"secret words": 1}', ["text"])

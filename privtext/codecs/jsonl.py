@@ -34,7 +34,8 @@ _SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def locate(line: str, path: list[str]) -> list[tuple[int, int, str]]:
-    """(start, end, value) of every string at `path` in the JSON object `line`.
+    """(start, end, value) of every string at `path` in the JSON object `line` (a null there is
+    present but holds no text: no span, as a null Parquet value).
 
     Raises RecordError for invalid JSON, a missing field, a non-string value or an invalid
     string. The reasons name the field, never content."""
@@ -42,7 +43,7 @@ def locate(line: str, path: list[str]) -> list[tuple[int, int, str]]:
         hit = _fast_locate(line, path[0])
         if hit is not None:
             return hit
-    found: list[tuple[int, int, str]] = []
+    found: list[tuple[int, int, str | None]] = []
     try:
         end = _walk(line, 0, path, 0, found)
         if end < len(line) and line[end] in _SPACE:
@@ -55,7 +56,7 @@ def locate(line: str, path: list[str]) -> list[tuple[int, int, str]]:
         raise RecordError("not valid JSON") from None
     if not found:
         raise RecordError(f"field {'.'.join(path)!r} is missing")
-    return found
+    return [span for span in found if span[2] is not None]  # nulls: present, nothing to perturb
 
 
 _KEY_PATTERNS: dict[str, re.Pattern[str]] = {}
@@ -94,7 +95,7 @@ def _fast_locate(line: str, key: str) -> list[tuple[int, int, str]] | None:
     return [(start, stop, value)]
 
 
-def _walk(s: str, i: int, path: list[str], depth: int, found: list[tuple[int, int, str]]) -> int:
+def _walk(s: str, i: int, path: list[str], depth: int, found: list[tuple[int, int, str | None]]) -> int:
     """Walks the object starting at (or after whitespace from) `i`; returns the index after it."""
     if s[i] in _SPACE:
         i = _ws(s, i).end()
@@ -131,8 +132,10 @@ def _walk(s: str, i: int, path: list[str], depth: int, found: list[tuple[int, in
                 raise RecordError(f"field {'.'.join(path)!r} holds an invalid string (lone surrogate)")
             found.append((i, end, value))
         else:
-            _SCAN(s, i)  # validate the value before calling it the wrong type
-            raise RecordError(f"field {'.'.join(path)!r} is not a string")
+            value, end = _SCAN(s, i)  # validate the value before calling it the wrong type
+            if value is not None:
+                raise RecordError(f"field {'.'.join(path)!r} is not a string")
+            found.append((i, end, None))  # a JSON null holds no text: it passes through
         i = end
         if s[i] in _SPACE:
             i = _ws(s, i).end()

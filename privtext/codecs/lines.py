@@ -37,7 +37,7 @@ def transform_lines(lines: list[bytes], first_line: int, codec: RecordCodec, on_
     out: list[bytes] = list(lines)
     texts: list[str] = []
     slots: list[tuple[int, Any, str, int]] = []  # (position, parse state, line ending, n texts)
-    skipped = kept = 0
+    skipped = kept = nulls = 0
     for pos, raw in enumerate(lines):
         # A memoryview, not a slice: a 30 MB record is not copied just to drop its newline.
         cut = (2 if raw.endswith(b"\r\n") else 1) if raw.endswith(b"\n") else 0
@@ -55,6 +55,8 @@ def transform_lines(lines: list[bytes], first_line: int, codec: RecordCodec, on_
             else:
                 kept += 1
             continue
+        if not values:
+            nulls += 1  # the field is null: the record passes through unchanged
         texts.extend(values)
         slots.append((pos, state, "\r\n"[2 - cut:] if cut else "", len(values)))
     new_texts, counters = perturb(texts)
@@ -65,4 +67,5 @@ def transform_lines(lines: list[bytes], first_line: int, codec: RecordCodec, on_
     # A duplicated key yields several texts for one record: count records, not values.
     counters.records = len(slots)
     counters.errors_skipped, counters.errors_kept = skipped, kept
+    counters.null_values += nulls
     return LinesOut(b"".join(out), counters)

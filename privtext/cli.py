@@ -413,7 +413,7 @@ def stats_cmd(mechanism: str, epsilons: str, param_pairs: tuple[str, ...], embed
               trust_pickle: bool, sample: int, draws: int, seed: str | None, as_json: bool,
               csv_path: str | None, plot_path: str | None, quiet: bool) -> None:
     """Plausible deniability per ε: N_w (share unchanged) and S_w (distinct outputs)."""
-    from privtext import stats
+    from privtext.analysis import stats
     from privtext.mechanisms import get
 
     values = _float_list(epsilons, "--epsilon")
@@ -459,7 +459,7 @@ def calibrate_cmd(mechanism: str, target_unchanged: float | None, target_support
                   sample: int, draws: int, tolerance: float, seed: str | None, as_json: bool,
                   quiet: bool) -> None:
     """Find the ε at which the median N_w (or S_w, or the attack success) reaches a target."""
-    from privtext.calibrate import calibrate, calibrate_risk
+    from privtext.analysis.calibrate import calibrate, calibrate_risk
     from privtext.mechanisms import get
 
     if sum(t is not None for t in (target_unchanged, target_support, target_risk)) != 1:
@@ -558,13 +558,13 @@ def evaluate_cmd(data_path: str, text_field: str, label_field: str, test_path: s
                  seed: str | None, as_json: bool, csv_path: str | None, plot_path: str | None,
                  quiet: bool) -> None:
     """Train a classifier on perturbed text, test on clean text: utility against privacy."""
-    from privtext import evaluate as ev
+    from privtext.analysis import evaluate as ev
     from privtext.mechanisms import available, get
     from privtext.randomness import run_key
 
     ev.require_sklearn()
     if plot_path:
-        from privtext.stats import require_matplotlib
+        from privtext.analysis.stats import require_matplotlib
 
         require_matplotlib()
     names = (list(available()) if mechanism_list.strip() == "all"
@@ -649,7 +649,7 @@ def audit_cmd(mechanism: str, epsilon: float, param_pairs: tuple[str, ...], embe
               trust_pickle: bool, pair_count: int | None, words: str | None, samples: int,
               alpha: float, seed: str | None, as_json: bool, quiet: bool) -> None:
     """Sample a mechanism on word pairs and test its stated guarantee (exit 1 if exceeded)."""
-    from privtext import audit
+    from privtext.analysis import audit
     from privtext.mechanisms import create, get
     from privtext.randomness import chunk_rng, run_key
 
@@ -705,7 +705,7 @@ def risk_cmd(mechanism: str, epsilon: float, param_pairs: tuple[str, ...], prior
              cache_dir: Path | None, trust_pickle: bool, draws_per_word: int, test_draws: int,
              seed: str | None, as_json: bool, quiet: bool) -> None:
     """Attack success: the chance a Bayes-optimal adversary guesses a word from its output."""
-    from privtext import risk
+    from privtext.analysis import risk
     from privtext.mechanisms import create, get
     from privtext.randomness import chunk_rng, run_key
 

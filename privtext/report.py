@@ -59,7 +59,7 @@ def attack_success_section(mechanism: Any, notify: Callable[[str], None] | None 
     """The §10 figure for the run's mechanism (uniform and zipf priors), cached with the index:
     computed once per (index, mechanism, ε, params), then read back. `notify` hears one line
     when the figure is computed rather than read back (the first time can take a minute)."""
-    from privtext.risk import PRIORS, cached_attack_success
+    from privtext.analysis.risk import PRIORS, cached_attack_success
 
     def announce() -> None:
         if notify is not None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from privtext import audit
+from privtext.analysis import audit
 from privtext.index import EmbeddingIndex
 from privtext.mechanisms import available, create, get
 from privtext.mechanisms.base import Mechanism

@@ -1,4 +1,4 @@
-"""privtext.calibrate: ε from a target median N_w or S_w, by bisection over measured statistics."""
+"""privtext.analysis.calibrate: ε from a target median N_w or S_w, by bisection over measured statistics."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from privtext.calibrate import Calibrator, UnreachableTargetError, calibrate
+from privtext.analysis.calibrate import Calibrator, UnreachableTargetError, calibrate
+from privtext.analysis.stats import StatsSampler
 from privtext.cli import cli
 from privtext.errors import InfeasibleEpsilonError, UsageError
 from privtext.mechanisms import available, registry
 from privtext.mechanisms.gumbel import min_epsilon
 from privtext.mechanisms.laplace import LaplaceMechanism
-from privtext.stats import StatsSampler
 
 
 def test_laplace_unchanged_target_is_bracketed_on_the_private_side(glove_small) -> None:  # type: ignore[no-untyped-def]
@@ -125,8 +125,8 @@ def test_cli_calibrate_json_and_errors(glove_small, cache_root) -> None:  # type
 
 
 def test_risk_target_is_met_on_the_private_side(glove_small) -> None:  # type: ignore[no-untyped-def]
-    from privtext import risk
-    from privtext.calibrate import calibrate_risk
+    from privtext.analysis import risk
+    from privtext.analysis.calibrate import calibrate_risk
     from privtext.mechanisms import create
 
     res = calibrate_risk(glove_small, "santext", 0.3, progress=False)
@@ -142,7 +142,7 @@ def test_risk_target_is_met_on_the_private_side(glove_small) -> None:  # type: i
 
 
 def test_risk_target_below_the_baseline_is_unreachable(glove_small) -> None:  # type: ignore[no-untyped-def]
-    from privtext.calibrate import UnreachableTargetError, calibrate_risk
+    from privtext.analysis.calibrate import UnreachableTargetError, calibrate_risk
 
     with pytest.raises(UnreachableTargetError, match="attack success"):
         calibrate_risk(glove_small, "santext", 1e-5, progress=False)  # baseline 1/1949

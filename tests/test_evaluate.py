@@ -1,4 +1,4 @@
-"""privtext.evaluate: classifier utility on perturbed training text, and `privtext evaluate`."""
+"""privtext.analysis.evaluate: classifier utility on perturbed training text, and `privtext evaluate`."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from privtext.cli import cli
-from privtext.errors import InputFormatError, UsageError
-from privtext.evaluate import (
+from privtext.analysis.evaluate import (
     Dataset,
     Setting,
     epsilon_settings,
@@ -28,6 +26,8 @@ from privtext.evaluate import (
     rows_csv,
     stratified_split,
 )
+from privtext.cli import cli
+from privtext.errors import InputFormatError, UsageError
 from privtext.mechanisms import create
 
 pytest.importorskip("sklearn")
@@ -201,7 +201,7 @@ def test_cli_evaluate_usage_errors(glove_small, cache_root, tmp_path: Path) -> N
 
 
 def test_risk_matched_settings(glove_small) -> None:  # type: ignore[no-untyped-def]
-    from privtext.evaluate import risk_matched_settings
+    from privtext.analysis.evaluate import risk_matched_settings
 
     cache: dict = {}
     settings, skipped = risk_matched_settings(glove_small, ["santext", "custext"], [0.2, 1e-5],

@@ -33,7 +33,7 @@ def perturb(env: dict[str, str], tmp_path: Path, *args: str) -> tuple[dict, str]
 
 def test_report_carries_attack_success_for_both_priors(env: dict[str, str], tmp_path: Path,
                                                       glove_small: EmbeddingIndex) -> None:
-    from privtext import risk
+    from privtext.analysis import risk
     from privtext.mechanisms import create
 
     data, stderr = perturb(env, tmp_path, "--mechanism", "santext", "--epsilon", "4")

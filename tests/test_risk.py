@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from privtext import risk
+from privtext.analysis import risk
 from privtext.index import EmbeddingIndex
 from privtext.mechanisms import create
 from privtext.mechanisms.base import Mechanism

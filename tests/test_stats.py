@@ -1,4 +1,4 @@
-"""privtext.stats: plausible-deniability statistics N_w and S_w, and the `privtext stats` command."""
+"""privtext.analysis.stats: plausible-deniability statistics N_w and S_w, and the `privtext stats` command."""
 
 from __future__ import annotations
 
@@ -12,12 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from privtext.cli import cli
-from privtext.errors import InfeasibleEpsilonError
-from privtext.mechanisms import available, create, get
-from privtext.mechanisms.base import MechanismParams
-from privtext.randomness import chunk_rng
-from privtext.stats import (
+from privtext.analysis.stats import (
     StatsSampler,
     describe,
     frequency_bands,
@@ -26,6 +21,11 @@ from privtext.stats import (
     run_stats,
     stratified_sample,
 )
+from privtext.cli import cli
+from privtext.errors import InfeasibleEpsilonError
+from privtext.mechanisms import available, create, get
+from privtext.mechanisms.base import MechanismParams
+from privtext.randomness import chunk_rng
 
 
 def test_bands_are_rank_decades_cut_at_n() -> None:
@@ -140,7 +140,7 @@ def test_feasible_epsilon_default_and_gumbel(glove_small) -> None:  # type: igno
 
 
 def test_measure_splits_large_runs_without_changing_the_stream(glove_small, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import privtext.stats as stats_mod
+    import privtext.analysis.stats as stats_mod
 
     mech = create("gumbel", glove_small, 1e4, {})
     ids = np.arange(0, glove_small.n, 40)

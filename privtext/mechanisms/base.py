@@ -239,8 +239,8 @@ class Mechanism(ABC):
         return self.privacy_loss(x_ids, x2_ids), None
 
     def closed_form(self) -> Any:
-        """An exact description of P[y|x] that `privtext.risk` can evaluate blockwise (see
-        `privtext.risk.ExponentialForm` and `GroupForm`), or None when the output distribution
+        """An exact description of P[y|x] that `privtext.analysis.risk` can evaluate blockwise (see
+        `privtext.analysis.risk.ExponentialForm` and `GroupForm`), or None when the output distribution
         has no closed form (nearest word to a continuous noisy point; truncated Gumbel)."""
         return None
 

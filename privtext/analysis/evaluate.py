@@ -34,14 +34,19 @@ from typing import Any, cast
 
 import numpy as np
 
-from privtext.calibrate import DEFAULT_DRAWS, DEFAULT_SAMPLE, Calibrator, UnreachableTargetError
+from privtext.analysis.calibrate import (
+    DEFAULT_DRAWS,
+    DEFAULT_SAMPLE,
+    Calibrator,
+    UnreachableTargetError,
+)
+from privtext.analysis.stats import StatsSampler, _tqdm_disable, require_matplotlib, save_figure
 from privtext.codecs import open_input, split_compression
 from privtext.errors import InputFormatError, UsageError
 from privtext.index import EmbeddingIndex
 from privtext.mechanisms import create
 from privtext.mechanisms.base import Mechanism
 from privtext.randomness import chunk_rng, run_key, seed_commitment
-from privtext.stats import StatsSampler, _tqdm_disable, require_matplotlib, save_figure
 from privtext.text import OovPolicy, TextPerturber
 
 DEFAULT_REPEATS = 3
@@ -356,7 +361,7 @@ def risk_matched_settings(index: EmbeddingIndex, mechanisms: Sequence[str], targ
                           ) -> tuple[list[Setting], list[Skipped]]:
     """Each mechanism's ε for each target attack success (mechanisms.md §10, `prior`), with the
     median N_w and S_w measured at that ε so rows compare with the N_w matching."""
-    from privtext.calibrate import RiskCalibrator
+    from privtext.analysis.calibrate import RiskCalibrator
 
     params = params or {}
     settings: list[Setting] = []
@@ -469,7 +474,7 @@ def evaluate(index: EmbeddingIndex, train: Dataset, test: Dataset, settings: Seq
 
 
 def rows_csv(rows: Sequence[Row]) -> str:
-    from privtext.stats import rows_to_csv
+    from privtext.analysis.stats import rows_to_csv
 
     return rows_to_csv([r.flat() for r in rows])
 

@@ -1,6 +1,6 @@
 """Choosing ε from a measured privacy target: the ε at which the median N_w (or S_w) reaches it.
 
-The statistic is measured (privtext.stats) on a fixed word sample with a fixed random stream,
+The statistic is measured (privtext.analysis.stats) on a fixed word sample with a fixed random stream,
 re-used at every ε tried (common random numbers): for the nearest-word mechanisms the outcome of
 each single draw is then monotone in ε (the noise is one fixed direction scaled by 1/ε, and a
 Voronoi cell is convex), so the bisection sees a monotone step function instead of noise.
@@ -23,12 +23,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from privtext.analysis.stats import EpsilonStatistics, StatsSampler, _tqdm_disable
 from privtext.errors import InfeasibleEpsilonError, UsageError
 from privtext.index import EmbeddingIndex
 from privtext.mechanisms import get
 from privtext.mechanisms.base import parse_params
 from privtext.randomness import run_key, seed_commitment
-from privtext.stats import EpsilonStatistics, StatsSampler, _tqdm_disable
 
 DEFAULT_SAMPLE = 500
 DEFAULT_DRAWS = 50
@@ -255,7 +255,7 @@ class Calibrator:
 class RiskPoint:
     """Attack success at one ε, shaped like EpsilonStatistics for the bisection."""
 
-    result: Any  # privtext.risk.RiskResult
+    result: Any  # privtext.analysis.risk.RiskResult
 
     def median(self, statistic: str) -> float:
         return float(self.result.attack_success)
@@ -273,7 +273,7 @@ class RiskCalibrator(Calibrator):
                  prior: str = "uniform", seed: str | None = None, key: int | None = None,
                  tolerance: float = DEFAULT_TOLERANCE, draws_per_word: int | None = None,
                  test_draws: int | None = None, progress: bool | None = None):
-        from privtext import risk
+        from privtext.analysis import risk
 
         super().__init__(index, mechanism, params, sample=1, draws=1, seed=seed, key=key,
                          tolerance=tolerance, progress=progress)
@@ -283,7 +283,7 @@ class RiskCalibrator(Calibrator):
         self.test_draws = test_draws or risk.DEFAULT_TEST_DRAWS
 
     def measure(self, t: float) -> Any:
-        from privtext import risk
+        from privtext.analysis import risk
         from privtext.randomness import chunk_rng
 
         if t in self._memo:

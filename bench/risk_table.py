@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -26,18 +27,11 @@ from privtext.index import IndexSpec, ensure_index
 from privtext.mechanisms import create
 from privtext.mechanisms.gumbel import min_epsilon
 
-# Two ε per mechanism in its own units (the same as bench/audit_all.py): rates are not comparable
-# across mechanisms, which is why this table exists.
-EPSILONS: dict[str, tuple[float, float]] = {
-    "laplace": (5.0, 20.0),
-    "mahalanobis": (5.0, 20.0),
-    "vickrey": (5.0, 20.0),
-    "santext": (2.0, 10.0),
-    "tem": (2.0, 10.0),
-    "density": (2.0, 10.0),
-    "custext": (1.0, 5.0),
-}
-GUMBEL_FACTORS = (1.1, 2.0)  # multiples of ε_∞ of the index
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from audit_all import EPSILONS, GUMBEL_FACTORS
+
+# The same two ε per mechanism as the audit table (rates are not comparable across mechanisms,
+# which is why this table exists); gumbel's are multiples of ε_∞ of the index.
 GUMBEL_FLOORS = ("auto", "0.01", "0.05", "0.2", "0")
 
 

@@ -23,13 +23,14 @@ import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
-from itertools import pairwise, repeat
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from privtext.counters import Counters as ChunkCounters
 from privtext.embeddings import is_word_char, is_word_extender
+from privtext.lookup import PACKED_CHARS, PackedVocabulary
 
 if TYPE_CHECKING:  # annotations only: importing text.py does not load the index or mechanisms
     from privtext.index import EmbeddingIndex
@@ -74,6 +75,7 @@ def restore_case(original: str, replacement: str) -> str:
 _WORD, _EXTEND, _SPACE, _BREAK, _UPPER, _LOWER_OR_TITLE = 1, 2, 4, 8, 16, 32
 _UNSET = 255
 _SPACE_CP = 32  # separates words in the lookup string; never inside a word
+_LOOKUP_PADDING = " " * PACKED_CHARS  # PackedVocabulary reads 16 code points from each start
 
 
 def _flags_of(ch: str) -> int:
@@ -307,7 +309,7 @@ class TextPerturber:
         self.mask_token = mask_token
         self._index = index
         self._table = index.word_to_id
-        self._lookup = self._table.get
+        self._packed_vocabulary: PackedVocabulary | None = None
         self._nfc_aliases = False
         self._vocab: _Vocabulary | None = None
         self._cased: dict[int, str] = {}
@@ -436,8 +438,8 @@ class TextPerturber:
         """(vocabulary id or -1 per word, indices of in-vocabulary words that carry case).
 
         All words of the chunk become one string "w0 w1 ... wn " (a space never occurs in a
-        word), lower-cased and NFC-normalised as a whole, split once for the dictionary lookup.
-        The strings live only inside this call.
+        word), lower-cased and NFC-normalised as a whole, then looked up all at once by
+        `PackedVocabulary` (no per-word key strings but for long or non-Latin-1 words).
         """
         starts, ends = seg.starts, seg.ends
         lengths = ends - starts
@@ -454,15 +456,22 @@ class TextPerturber:
         else:
             keys = unicodedata.normalize("NFC", lowered)
             self._add_nfc_aliases()
-        key_list = keys.split(" ")
-        key_list.pop()  # the empty string after the last space
-        ids = np.fromiter(map(self._lookup, key_list, repeat(-1)), dtype=np.int64, count=len(starts))
-        del key_list, keys
+        key_cps = _utf32(keys + _LOOKUP_PADDING)
+        if keys is lowered and len(lowered) == len(original):
+            key_ends = space_at
+        else:  # lower-casing or NFC may have moved the words: find them again
+            key_ends = np.flatnonzero(key_cps[: len(keys)] == _SPACE_CP)
+        key_starts = np.empty_like(key_ends)
+        key_starts[0] = 0
+        key_starts[1:] = key_ends[:-1] + 1
+        ids = self._packed().look_up(key_cps, key_starts, key_ends - key_starts, keys)
+        del keys
 
         if lowered == original:
             return ids, np.zeros(0, dtype=np.int64)
         if len(lowered) == len(original):
-            differs = np.flatnonzero(word_cps != _utf32(lowered))
+            lowered_cps = key_cps[: len(lowered)] if lowered.isascii() else _utf32(lowered)
+            differs = np.flatnonzero(word_cps != lowered_cps)
             candidates = _distinct_sorted(np.searchsorted(space_at, differs))
         else:  # a character lower-cased to several (İ): compare word by word
             pairs = zip(original.split(" "), lowered.split(" "))
@@ -480,8 +489,14 @@ class TextPerturber:
             for word, i in self._table.items():
                 table.setdefault(unicodedata.normalize("NFC", word), i)
             self._table = table
-            self._lookup = table.get
+            self._packed_vocabulary = None
         self._nfc_aliases = True  # last: another thread never sees the flag before the table
+
+    def _packed(self) -> PackedVocabulary:
+        packed = self._packed_vocabulary
+        if packed is None:
+            packed = self._packed_vocabulary = PackedVocabulary(self._table)
+        return packed
 
     def _spelled(self, variant: int) -> str:
         """The vocabulary word `variant // 3` in case pattern `variant % 3`, cached."""

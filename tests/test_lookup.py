@@ -1,0 +1,68 @@
+"""PackedVocabulary must answer exactly what the dictionary answers, for every word."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from privtext.lookup import PACKED_CHARS, PackedVocabulary
+
+
+def _look_up_all(vocabulary: PackedVocabulary, words: list[str]) -> np.ndarray:
+    text = " ".join(words) + " " + " " * PACKED_CHARS
+    cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    starts = np.cumsum(lengths + 1) - lengths - 1
+    return vocabulary.look_up(cps, starts, lengths, text)
+
+
+def _oracle(mapping: dict[str, int], words: list[str]) -> np.ndarray:
+    return np.array([mapping.get(w, -1) for w in words], dtype=np.int64)
+
+
+ADVERSARIAL_KEYS = [
+    "a", "ab", "abcdefgh", "abcdefghi", "abcdefghijklmnop", "abcdefghijklmnopq",
+    "café", "naïve", "ÿ", "straße", "ǆ", "слово", "日本語", "x" * 40, "é" * 16, "é" * 17,
+]
+ADVERSARIAL_QUERIES = [
+    *ADVERSARIAL_KEYS,
+    "abc", "abcdefg", "abcdefghij", "abcdefghijklmno", "abcdefghijklmnopqr", "abcdefghijklmnopz",
+    "cafe", "cafè", "naive", "ÿÿ", "strasse", "слов", "日本", "x" * 39, "x" * 41, "é" * 15,
+    "a\u0301", "b", "zz",
+]
+
+
+def test_adversarial_words_match_the_dictionary() -> None:
+    mapping = {w: i * 7 for i, w in enumerate(ADVERSARIAL_KEYS)}
+    vocabulary = PackedVocabulary(mapping)
+    np.testing.assert_array_equal(_look_up_all(vocabulary, ADVERSARIAL_QUERIES),
+                                  _oracle(mapping, ADVERSARIAL_QUERIES))
+
+
+def test_keys_with_a_nul_or_a_space_never_match_a_word() -> None:
+    # "a\x00" would pack to the same bytes as "a": it is kept out of the table, so "a" is OOV.
+    mapping = {"a\x00": 1, "b c": 2, "d": 3}
+    vocabulary = PackedVocabulary(mapping)
+    np.testing.assert_array_equal(_look_up_all(vocabulary, ["a", "b", "c", "d"]), [-1, -1, -1, 3])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_vocabularies_with_long_probe_chains(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    alphabet = list("abcdeéß")  # few letters: many words share prefixes and lengths
+    def word() -> str:
+        return "".join(rng.choice(alphabet, size=int(rng.integers(1, 20))))
+    keys = sorted({word() for _ in range(3000)})
+    mapping = {w: i for i, w in enumerate(keys)}
+    vocabulary = PackedVocabulary(mapping)
+    queries = [*keys, *(word() for _ in range(5000))]
+    rng.shuffle(queries)
+    np.testing.assert_array_equal(_look_up_all(vocabulary, queries), _oracle(mapping, queries))
+
+
+def test_the_real_vocabulary_matches_the_dictionary(glove_small) -> None:  # type: ignore[no-untyped-def]
+    mapping = glove_small.word_to_id
+    vocabulary = PackedVocabulary(mapping)
+    words = list(mapping)
+    queries = [*words, *(w[:-1] for w in words if len(w) > 1), *(w + "s" for w in words)]
+    np.testing.assert_array_equal(_look_up_all(vocabulary, queries), _oracle(mapping, queries))

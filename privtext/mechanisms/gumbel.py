@@ -104,11 +104,14 @@ def candidate_count_cdf(lam: float, width: int) -> tuple[np.ndarray, float]:
     return np.cumsum(pmf[:width]), tail
 
 
-def truncated_gumbel(rng: np.random.Generator, shape: tuple[int, ...], scale: float, bound: float) -> np.ndarray:
+def truncated_gumbel(rng: np.random.Generator, shape: tuple[int, ...] | int, scale: float,
+                     bound: float) -> np.ndarray:
     """Gumbel(0, scale) truncated to [−bound, bound] by inverse CDF (no rejection loop)."""
     lo = math.exp(-math.exp(bound / scale)) if bound / scale < 700 else 0.0
     hi = math.exp(-math.exp(-bound / scale))
-    u = open_uniform(rng, shape)
+    # With lo > 0, u = lo + (hi − lo)·v stays in [lo, hi] ⊂ (0, 1) for any v in [0, 1), so the
+    # plain 53-bit uniform (one pass) is safe; only lo = 0 needs uniforms that avoid 0.
+    u = rng.random(shape) if lo > 0.0 else open_uniform(rng, shape)
     u *= hi - lo
     u += lo
     # u can round to exactly 1 when hi does (bound ≫ scale): the sample is then +inf, and the
@@ -142,6 +145,7 @@ def floor_for(epsilon: float, params: MechanismParams, geometry: Geometry) -> fl
     return realised(requested)
 
 
+_COUNT_GUIDE_BUCKETS = 1024  # a power of two: u·buckets is exact, so the bucket is floor of it
 # q̄ = 1: no bound on max Q(y|x) below 1 is proven for truncated Gumbel (Q(x|x) can be ≈ 1).
 QBAR = 1.0
 
@@ -165,6 +169,10 @@ class TruncatedGumbelMechanism(Mechanism):
         self.count_cdf, self.truncation_mass = candidate_count_cdf(self.lam, index.neighbors)
         # exactly the α the map states (the guarantee is computed from the same params)
         self.floor = UniformFloor(self.guarantee.floor or 0.0, geo.n)
+        # +inf after the last entry: a draw in the capped tail walks there and stops.
+        self._count_cdf_sentinel = np.append(self.count_cdf, np.inf)
+        bucket_starts = np.arange(_COUNT_GUIDE_BUCKETS, dtype=np.float64) / _COUNT_GUIDE_BUCKETS
+        self._count_guide = np.searchsorted(self.count_cdf, bucket_starts, side="left")
 
     @classmethod
     def privacy_map(cls, epsilon: float, params: MechanismParams, geometry: Geometry) -> Guarantee:
@@ -273,37 +281,52 @@ class TruncatedGumbelMechanism(Mechanism):
         }
 
     def sample_counts(self, rng: np.random.Generator, size: int) -> np.ndarray:
-        """k ≥ 1 per token by inverse CDF; draws beyond the table width are capped at K."""
-        k = np.searchsorted(self.count_cdf, open_uniform(rng, size), side="left") + 1
-        return np.minimum(k, len(self.count_cdf))
+        """k ≥ 1 per token by inverse CDF; draws beyond the table width are capped at K.
+
+        k − 1 is the first i with cdf[i] ≥ u (a binary search would give the same). A guide
+        table gives, for the bucket of u, the first i with cdf[i] ≥ the bucket's start, which is
+        never past the answer; walking on while cdf[i] < u reaches it in a step or two, without
+        a branchy search per token."""
+        u = rng.random(size)
+        i = self._count_guide[(u * _COUNT_GUIDE_BUCKETS).astype(np.int64)]
+        walking = np.flatnonzero(self._count_cdf_sentinel[i] < u)
+        while walking.size:
+            i[walking] += 1
+            walking = walking[self._count_cdf_sentinel[i[walking]] < u[walking]]
+        return np.minimum(i + 1, len(self.count_cdf))
 
     def perturb_ids(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
+        n = ids.size
         out = np.empty_like(ids)
-        if ids.size == 0:
+        if n == 0:
             return out
-        k = self.sample_counts(rng, ids.size)
-        # Tokens are bucketed by candidate count so noise is drawn for about sum(k) entries
-        # rather than len(ids) · max(k); noise beyond column k never matters for a token.
-        lower = 0
-        for width in _bucket_widths(self.index.neighbors):
-            members = np.flatnonzero((k > lower) & (k <= width))
-            lower = width
-            if members.size == 0:
-                continue
-            rows, counts = ids[members], k[members]
-            cols = int(counts.max())
-            scores = np.array(self.index.neighbor_dist[rows, :cols], dtype=np.float64)
-            scores += truncated_gumbel(rng, scores.shape, self.scale, self.index.geometry.delta_max)
-            scores[np.arange(cols)[None, :] >= counts[:, None]] = np.inf
-            choice = np.argmin(scores, axis=1)
-            out[members] = self.index.neighbor_ids[rows, choice]
+        k = self.sample_counts(rng, n)
+        # Tokens in decreasing order of k: the tokens that still compete at column j (k > j) are
+        # then a prefix, so the argmin runs column by column over exactly sum(k) entries, with no
+        # padding and no masks. Column 0 is the word itself at distance 0.
+        order = np.argsort(-k.astype(np.int8), kind="stable")
+        width = self.index.neighbors
+        competing = n - np.cumsum(np.bincount(k, minlength=width + 1))
+        widest = int(k.max())
+        noise = truncated_gumbel(rng, int(competing[:widest].sum()), self.scale,
+                                 self.index.geometry.delta_max)
+        rows = ids[order] * width  # flat offsets of the tokens' table rows
+        distances = np.asarray(self.index.neighbor_dist).reshape(-1)
+        best = noise[:n]
+        choice = np.zeros(n, dtype=np.int64)
+        at = n
+        for j in range(1, widest):
+            m = int(competing[j])
+            score = distances.take(rows[:m] + j)
+            score += noise[at : at + m]
+            at += m
+            better = score < best[:m]
+            np.copyto(best[:m], score, where=better)
+            np.copyto(choice[:m], j, where=better)
+        out[order] = np.asarray(self.index.neighbor_ids).reshape(-1).take(rows + choice)
         return self.floor.apply(ids, out, rng)
 
-
-def _bucket_widths(table_width: int) -> list[int]:
-    widths = [w for w in (4, 8, 12, 16, 20, 24, 32, 48) if w < table_width]
-    return [*widths, table_width]
 
 def output_distribution(distances: np.ndarray, scale: float, bound: float, lam: float,
                         grid: int = 4001) -> np.ndarray:

@@ -104,9 +104,10 @@ def candidate_count_cdf(lam: float, width: int) -> tuple[np.ndarray, float]:
     return np.cumsum(pmf[:width]), tail
 
 
-def truncated_gumbel(rng: np.random.Generator, shape: tuple[int, ...] | int, scale: float,
-                     bound: float) -> np.ndarray:
-    """Gumbel(0, scale) truncated to [−bound, bound] by inverse CDF (no rejection loop)."""
+def truncated_gumbel_log_uniforms(rng: np.random.Generator, shape: tuple[int, ...] | int,
+                                  scale: float, bound: float) -> np.ndarray:
+    """ln u for u uniform on [lo, hi] = [F(−bound), F(bound)], F the Gumbel(0, scale) CDF:
+    g = −scale·ln(−ln u) is then Gumbel(0, scale) truncated to [−bound, bound] (inverse CDF)."""
     lo = math.exp(-math.exp(bound / scale)) if bound / scale < 700 else 0.0
     hi = math.exp(-math.exp(-bound / scale))
     # With lo > 0, u = lo + (hi − lo)·v stays in [lo, hi] ⊂ (0, 1) for any v in [0, 1), so the
@@ -114,13 +115,19 @@ def truncated_gumbel(rng: np.random.Generator, shape: tuple[int, ...] | int, sca
     u = rng.random(shape) if lo > 0.0 else open_uniform(rng, shape)
     u *= hi - lo
     u += lo
-    # u can round to exactly 1 when hi does (bound ≫ scale): the sample is then +inf, and the
-    # final clip maps it to the bound, where its probability mass (≈ 0) belongs.
+    return np.log(u, out=u)
+
+
+def truncated_gumbel(rng: np.random.Generator, shape: tuple[int, ...] | int, scale: float,
+                     bound: float) -> np.ndarray:
+    """Gumbel(0, scale) truncated to [−bound, bound], from `truncated_gumbel_log_uniforms`."""
+    x = truncated_gumbel_log_uniforms(rng, shape, scale, bound)
+    # ln u can be exactly 0 when hi rounds to 1 (bound ≫ scale): the sample is then +inf, and
+    # the clip maps it to the bound, where its probability mass (≈ 0) belongs.
     with np.errstate(divide="ignore"):
-        x = np.log(u)
         np.negative(x, out=x)
         np.log(x, out=x)
-        x *= -scale
+    x *= -scale
     return np.clip(x, -bound, bound, out=x)
 
 
@@ -309,17 +316,22 @@ class TruncatedGumbelMechanism(Mechanism):
         width = self.index.neighbors
         competing = n - np.cumsum(np.bincount(k, minlength=width + 1))
         widest = int(k.max())
-        noise = truncated_gumbel(rng, int(competing[:widest].sum()), self.scale,
-                                 self.index.geometry.delta_max)
+        # argmin_j d_j + g_j with g_j = −b·ln(−ln u_j) is argmin_j ln(u_j)·exp(−d_j/b): the same
+        # choice (exp is increasing; ln u_j < 0), for one logarithm a candidate instead of two.
+        log_u = truncated_gumbel_log_uniforms(rng, int(competing[:widest].sum()), self.scale,
+                                              self.index.geometry.delta_max)
         rows = ids[order] * width  # flat offsets of the tokens' table rows
         distances = np.asarray(self.index.neighbor_dist).reshape(-1)
-        best = noise[:n]
+        minus_inverse_scale = -1.0 / self.scale
+        best = log_u[:n]  # column 0: the word itself, d = 0
         choice = np.zeros(n, dtype=np.int64)
         at = n
         for j in range(1, widest):
             m = int(competing[j])
             score = distances.take(rows[:m] + j)
-            score += noise[at : at + m]
+            score *= minus_inverse_scale
+            np.exp(score, out=score)
+            score *= log_u[at : at + m]
             at += m
             better = score < best[:m]
             np.copyto(best[:m], score, where=better)

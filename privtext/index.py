@@ -349,6 +349,10 @@ class EmbeddingIndex:
 
     @cached_property
     def word_to_id(self) -> dict[str, int]:
+        return self.vocabulary_mapping()
+
+    def vocabulary_mapping(self) -> dict[str, int]:
+        """A new str → id dictionary: every word and every alias (what `word_to_id` caches)."""
         table = {w: i for i, w in enumerate(self.words)}
         for line in self._read_verified_text("aliases.tsv").splitlines():
             word, _, idx = line.partition("\t")

@@ -65,7 +65,6 @@ class PackedVocabulary:
     """`mapping.get(word, -1)` for a whole chunk of words at once (see the module docstring)."""
 
     def __init__(self, mapping: Mapping[str, int]):
-        self.mapping = mapping
         # A key with a space or a NUL is never a word of the text: it cannot be asked for, and NUL
         # would be confused with the padding.
         keys = [k for k in mapping if 0 < len(k) <= PACKED_CHARS and " " not in k and "\x00" not in k]
@@ -77,6 +76,10 @@ class PackedVocabulary:
         lo, hi = lo[packable], hi[packable]
         ids = np.fromiter((mapping[k] for k, ok in zip(keys, packable.tolist()) if ok),
                           dtype=np.int64, count=int(packable.sum()))
+        # Only a word that cannot be packed is asked of a dictionary, and it can only equal a
+        # key that cannot be packed either: these few keys are all that is kept of `mapping`.
+        packed_keys = {k for k, ok in zip(keys, packable.tolist()) if ok}
+        self.unpacked = {k: v for k, v in mapping.items() if k not in packed_keys}
         self.bits = max(4, int(len(ids) * 2 - 1).bit_length())  # load factor at most 1/2
         size = 1 << self.bits
         self.lo = np.zeros(size, dtype=np.uint64)  # (0, 0): an empty slot; no word packs to it
@@ -114,7 +117,7 @@ class PackedVocabulary:
             hit = (self.lo[slot_on] == lo[which]) & (self.hi[slot_on] == hi[which])
             out[which[hit]] = self.ids[slot_on[hit]]
             which = which[~hit & (self.ids[slot_on] != _EMPTY)]
-        get = self.mapping.get
+        get = self.unpacked.get
         for i in np.flatnonzero(~packable).tolist():
             start = int(starts[i])
             out[i] = get(text[start : start + int(lengths[i])], _EMPTY)

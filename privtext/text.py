@@ -221,7 +221,7 @@ def _distinct_with_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _gather_runs(base: np.ndarray, run_start: np.ndarray, run_length: np.ndarray,
-                 block: int = 1 << 20) -> np.ndarray:
+                 block: int = 1 << 18) -> np.ndarray:
     """The concatenation of base[run_start[i] : run_start[i] + run_length[i]] over all i.
 
     An index array built by a cumulative sum (+1 inside a run, a jump where a run begins) and one
@@ -308,9 +308,8 @@ class TextPerturber:
         self.oov = OovPolicy(oov)
         self.mask_token = mask_token
         self._index = index
-        self._table = index.word_to_id
         self._packed_vocabulary: PackedVocabulary | None = None
-        self._nfc_aliases = False
+        self._nfc_lookup = False  # set once a chunk needed NFC keys: the table gets NFC aliases
         self._vocab: _Vocabulary | None = None
         self._cased: dict[int, str] = {}
 
@@ -482,20 +481,20 @@ class TextPerturber:
         """Lookup is in NFC: a vocabulary entry stored in another normal form is also reachable
         under its NFC spelling (an entry that is already NFC wins a collision). Only a non-ASCII
         key can need this, so an ASCII corpus never pays for the check."""
-        if self._nfc_aliases:
-            return
-        if not unicodedata.is_normalized("NFC", "\n".join(self._table)):
-            table = dict(self._table)
-            for word, i in self._table.items():
-                table.setdefault(unicodedata.normalize("NFC", word), i)
-            self._table = table
-            self._packed_vocabulary = None
-        self._nfc_aliases = True  # last: another thread never sees the flag before the table
+        if not self._nfc_lookup:
+            self._nfc_lookup = True
+            self._packed_vocabulary = None  # rebuilt with the aliases on next use
 
     def _packed(self) -> PackedVocabulary:
+        """The lookup table, built on first use. The str → id dictionary it is built from is not
+        kept (only its long and non-Latin-1 keys are), which saves a worker ~13 MiB."""
         packed = self._packed_vocabulary
         if packed is None:
-            packed = self._packed_vocabulary = PackedVocabulary(self._table)
+            table = self._index.vocabulary_mapping()
+            if self._nfc_lookup and not unicodedata.is_normalized("NFC", "\n".join(table)):
+                for word, i in list(table.items()):
+                    table.setdefault(unicodedata.normalize("NFC", word), i)
+            packed = self._packed_vocabulary = PackedVocabulary(table)
         return packed
 
     def _spelled(self, variant: int) -> str:

@@ -152,6 +152,7 @@ def floor_for(epsilon: float, params: MechanismParams, geometry: Geometry) -> fl
     return realised(requested)
 
 
+_TOKEN_BLOCK = 1 << 15
 _COUNT_GUIDE_BUCKETS = 1024  # a power of two: u·buckets is exact, so the bucket is floor of it
 # q̄ = 1: no bound on max Q(y|x) below 1 is proven for truncated Gumbel (Q(x|x) can be ≈ 1).
 QBAR = 1.0
@@ -304,10 +305,18 @@ class TruncatedGumbelMechanism(Mechanism):
 
     def perturb_ids(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
-        n = ids.size
         out = np.empty_like(ids)
-        if n == 0:
+        if ids.size == 0:
             return out
+        # Blocks of tokens keep the per-candidate arrays (~12 entries a token) at a few MiB
+        # whatever the chunk; the Generator is consumed block after block, in token order.
+        for start in range(0, ids.size, _TOKEN_BLOCK):
+            block = slice(start, start + _TOKEN_BLOCK)
+            out[block] = self._sample_block(ids[block], rng)
+        return self.floor.apply(ids, out, rng)
+
+    def _sample_block(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        n = ids.size
         k = self.sample_counts(rng, n)
         # Tokens in decreasing order of k: the tokens that still compete at column j (k > j) are
         # then a prefix, so the argmin runs column by column over exactly sum(k) entries, with no
@@ -336,8 +345,9 @@ class TruncatedGumbelMechanism(Mechanism):
             better = score < best[:m]
             np.copyto(best[:m], score, where=better)
             np.copyto(choice[:m], j, where=better)
+        out = np.empty_like(ids)
         out[order] = np.asarray(self.index.neighbor_ids).reshape(-1).take(rows + choice)
-        return self.floor.apply(ids, out, rng)
+        return out
 
 
 def output_distribution(distances: np.ndarray, scale: float, bound: float, lam: float,

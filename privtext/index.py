@@ -273,16 +273,23 @@ class EmbeddingIndex:
 
     def _spot_check(self) -> None:
         """A few rows of the table against exact distances: cheap, and catches arrays that do
-        not belong together (a vectors file of another build, a shifted or zeroed region)."""
+        not belong together (a vectors file of another build, a shifted or zeroed region).
+
+        The rows are read with pread, not through the memory maps: a fault in a map makes a
+        whole block of the cached file resident (large page-cache folios), so touching a few
+        scattered rows cost every process tens of MiB of resident memory it never used."""
         from privtext.neighbors import pair_distances
 
         n = self.n
         rows = np.unique(np.linspace(0, n - 1, min(_SPOT_ROWS, n)).astype(np.int64))
-        ids = np.asarray(self.neighbor_ids[rows], dtype=np.int64)
-        dist = np.asarray(self.neighbor_dist[rows])
+        ids = _read_rows(self.neighbor_ids, rows).astype(np.int64)
+        dist = _read_rows(self.neighbor_dist, rows)
         if ids.min() < 0 or ids.max() >= n or not np.array_equal(ids[:, 0], rows):
             raise _corrupt(self.path, "neighbour table ids are out of place")
-        exact = pair_distances(self.vectors, np.repeat(rows, ids.shape[1]), ids.ravel())
+        wanted = np.unique(ids)
+        vectors = _read_rows(self.vectors, wanted)
+        local = np.searchsorted(wanted, ids)
+        exact = pair_distances(vectors, np.repeat(local[:, 0], ids.shape[1]), local.ravel())
         if not np.array_equal(exact.reshape(dist.shape), dist) or np.any(np.diff(dist, axis=1) < 0):
             raise _corrupt(self.path, "neighbour distances do not match the vectors")
 
@@ -438,6 +445,20 @@ class EmbeddingIndex:
 
 class _VersionVanished(Exception):
     """The version named by CURRENT was removed between reading the pointer and locking it."""
+
+
+def _read_rows(array: np.memmap, rows: np.ndarray) -> np.ndarray:
+    """Rows of a memory-mapped .npy file read with pread (see `_spot_check`)."""
+    row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:]))
+    out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
+    view = out.reshape(len(rows), -1).view(np.uint8)
+    with open(array.filename, "rb", buffering=0) as fh:
+        for i, row in enumerate(rows.tolist()):
+            chunk = os.pread(fh.fileno(), row_bytes, array.offset + row * row_bytes)
+            if len(chunk) != row_bytes:
+                raise OSError(f"short read in {Path(array.filename).name}")
+            view[i] = np.frombuffer(chunk, dtype=np.uint8)
+    return out
 
 
 def _read_fd(fd: int) -> bytes:

@@ -83,6 +83,21 @@ def test_output_frequencies_match_the_numerical_distribution(index_factory) -> N
         assert _chi_square_pvalue(mech, idx, word, mech.scale, 100_000, seed=word) > 1e-3
 
 
+def test_far_columns_beyond_the_table_head_give_the_same_draws(index_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # The sampler reads the first columns from a cached head of the table and the rest from the
+    # table itself: with a 3-column head (k > 3 is common here) the draws must not change at all.
+    import privtext.mechanisms.gumbel as gumbel
+
+    idx, full = _tiny_gumbel(index_factory)
+    ids = np.repeat(np.arange(idx.n), 5_000)
+    expected = full.perturb_ids(ids, np.random.default_rng(5))
+    monkeypatch.setattr(gumbel, "_HEAD_COLUMNS", 3)
+    narrow = TruncatedGumbelMechanism(idx, full.epsilon)
+    assert narrow._table_head()[1].shape[1] == 3
+    np.testing.assert_array_equal(narrow.perturb_ids(ids, np.random.default_rng(5)), expected)
+    assert _chi_square_pvalue(narrow, idx, 4, narrow.scale, 100_000, seed=9) > 1e-3
+
+
 def test_frequency_test_rejects_a_wrong_noise_scale(index_factory) -> None:  # type: ignore[no-untyped-def]
     idx, mech = _tiny_gumbel(index_factory)
     # the sampler runs at b = 1.5; the test checks against the distribution of b 30% off

@@ -153,6 +153,7 @@ def floor_for(epsilon: float, params: MechanismParams, geometry: Geometry) -> fl
 
 
 _TOKEN_BLOCK = 1 << 15
+_HEAD_COLUMNS = 32
 _COUNT_GUIDE_BUCKETS = 1024  # a power of two: u·buckets is exact, so the bucket is floor of it
 # q̄ = 1: no bound on max Q(y|x) below 1 is proven for truncated Gumbel (Q(x|x) can be ≈ 1).
 QBAR = 1.0
@@ -177,6 +178,7 @@ class TruncatedGumbelMechanism(Mechanism):
         self.count_cdf, self.truncation_mass = candidate_count_cdf(self.lam, index.neighbors)
         # exactly the α the map states (the guarantee is computed from the same params)
         self.floor = UniformFloor(self.guarantee.floor or 0.0, geo.n)
+        self._head: tuple[np.ndarray, np.ndarray] | None = None
         # +inf after the last entry: a draw in the capped tail walks there and stops.
         self._count_cdf_sentinel = np.append(self.count_cdf, np.inf)
         bucket_starts = np.arange(_COUNT_GUIDE_BUCKETS, dtype=np.float64) / _COUNT_GUIDE_BUCKETS
@@ -329,15 +331,22 @@ class TruncatedGumbelMechanism(Mechanism):
         # choice (exp is increasing; ln u_j < 0), for one logarithm a candidate instead of two.
         log_u = truncated_gumbel_log_uniforms(rng, int(competing[:widest].sum()), self.scale,
                                               self.index.geometry.delta_max)
-        rows = ids[order] * width  # flat offsets of the tokens' table rows
-        distances = np.asarray(self.index.neighbor_dist).reshape(-1)
+        head_distances, head_ids = self._table_head()
+        head = head_ids.shape[1]
+        sorted_ids = ids[order]
+        rows = sorted_ids * head  # flat offsets of the tokens' rows in the head tables
+        # The few tokens with k > head columns (a prefix) read their far columns from the table.
+        far_rows = sorted_ids[: int(competing[head])] * width if widest > head else rows[:0]
         minus_inverse_scale = -1.0 / self.scale
         best = log_u[:n]  # column 0: the word itself, d = 0
         choice = np.zeros(n, dtype=np.int64)
         at = n
         for j in range(1, widest):
             m = int(competing[j])
-            score = distances.take(rows[:m] + j)
+            if j < head:
+                score = head_distances.take(rows[:m] + j)
+            else:
+                score = np.asarray(self.index.neighbor_dist).reshape(-1).take(far_rows[:m] + j)
             score *= minus_inverse_scale
             np.exp(score, out=score)
             score *= log_u[at : at + m]
@@ -345,9 +354,36 @@ class TruncatedGumbelMechanism(Mechanism):
             better = score < best[:m]
             np.copyto(best[:m], score, where=better)
             np.copyto(choice[:m], j, where=better)
+        chosen = head_ids.take(rows + np.minimum(choice, head - 1))
+        far = np.flatnonzero(choice >= head)
+        if far.size:
+            chosen[far] = np.asarray(self.index.neighbor_ids).reshape(-1).take(far_rows[far] + choice[far])
         out = np.empty_like(ids)
-        out[order] = np.asarray(self.index.neighbor_ids).reshape(-1).take(rows + choice)
+        out[order] = chosen
         return out
+
+    def prepare(self) -> None:
+        self._table_head()
+
+    def _table_head(self) -> tuple[np.ndarray, np.ndarray]:
+        """The first columns of the neighbour table (distances, ids), flattened, from a cached
+        derived file. Candidate counts beyond them have probability ~1e-7, and a worker reading
+        only the head keeps a third of the table resident instead of all of it (the pages of a
+        row-major table hold all 64 columns of each row)."""
+        if self._head is None:
+            columns = min(_HEAD_COLUMNS, self.index.neighbors)
+            params = {"columns": columns}
+            distances = self.index.derived_artifact(
+                "table-head-distances", params,
+                lambda index: np.ascontiguousarray(index.neighbor_dist[:, :columns]),
+                uncached_if_read_only=True)
+            ids = self.index.derived_artifact(
+                "table-head-ids", params,
+                lambda index: np.ascontiguousarray(index.neighbor_ids[:, :columns]),
+                uncached_if_read_only=True)
+            self._head = (np.asarray(distances).reshape(-1), np.asarray(ids))
+        distances, ids = self._head
+        return distances, ids
 
 
 def output_distribution(distances: np.ndarray, scale: float, bound: float, lam: float,

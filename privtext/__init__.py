@@ -12,7 +12,6 @@ it. One import is enough:
 """
 
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from privtext.errors import (
@@ -25,11 +24,6 @@ from privtext.errors import (
     PrivtextError,
     UsageError,
 )
-
-try:
-    __version__ = version("privtext")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
 
 # public name -> module that defines it, imported on first access (PEP 562)
 _LAZY = {
@@ -64,7 +58,20 @@ __all__ = [
 ]
 
 
+def _version() -> str:
+    # importlib.metadata costs ~20 ms of every launch; only a report or --version needs it.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("privtext")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0.0.0+unknown"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        value = globals()["__version__"] = _version()
+        return value
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'privtext' has no attribute {name!r}")
@@ -74,4 +81,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | {"__version__"})

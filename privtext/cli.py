@@ -15,7 +15,6 @@ from typing import Any
 
 import click
 
-from privtext import __version__
 from privtext.errors import Interrupted, PrivtextError, UsageError
 
 
@@ -59,7 +58,7 @@ def _open_index(embeddings: str, embeddings_format: str, vocab_size: int, neighb
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="privtext")
+@click.version_option(package_name="privtext", prog_name="privtext")
 def cli() -> None:
     """Anonymise text corpora with word-level differential privacy."""
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from privtext import __version__
+import privtext
 from privtext.counters import Counters
 from privtext.spec import RunSpec
 from privtext.text import OovPolicy
@@ -105,7 +105,7 @@ def build_report(spec: RunSpec | Any, counters: Counters | dict[str, Any] | None
     guarantee = spec.guarantee
     oov_policy = OovPolicy(spec.oov)
     report: dict[str, Any] = {
-        "tool": {"name": "privtext", "version": __version__},
+        "tool": {"name": "privtext", "version": privtext.__version__},
         "mechanism": {
             "name": spec.mechanism,
             "reference": spec.reference,

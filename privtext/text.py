@@ -209,17 +209,6 @@ def _distinct_sorted(values: np.ndarray) -> np.ndarray:
     return values[first]
 
 
-def _distinct_with_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted distinct values, index of each input value among them)."""
-    order = np.argsort(values, kind="stable")
-    ordered = values[order]
-    first = np.ones(values.size, dtype=np.bool_)
-    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
-    inverse = np.empty(values.size, dtype=np.int64)
-    inverse[order] = np.cumsum(first) - 1
-    return ordered[first], inverse
-
-
 def _gather_runs(base: np.ndarray, run_start: np.ndarray, run_length: np.ndarray,
                  block: int = 1 << 18) -> np.ndarray:
     """The concatenation of base[run_start[i] : run_start[i] + run_length[i]] over all i.
@@ -248,16 +237,23 @@ def _gather_runs(base: np.ndarray, run_start: np.ndarray, run_length: np.ndarray
 class _Vocabulary:
     """The vocabulary as UTF-32 code points, followed by room for one chunk and its extra words.
 
-    Output text is gathered from this one buffer: replacement words from the vocabulary part,
-    the text between words (and kept OOV words) from the chunk's copy, re-cased words and the mask
-    token from the pool after it.
+    Output text is gathered from this one buffer: replacement words, in the case they take, from
+    the vocabulary part; the text between words (and kept OOV words) from the chunk's copy; the
+    mask token from after it.
     """
 
     def __init__(self, words: list[str]):
-        self.words = words
-        self.lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-        self.offsets = np.cumsum(self.lengths) - self.lengths
-        self.size = int(self.lengths.sum())
+        # Three spellings of every word, one after the other: as is, Title and UPPER (rows
+        # _AS_IS, _TITLE, _UPPER_ALL), so re-casing a replacement is a table lookup, not Python
+        # per word. A spelling may change length (ß → SS), hence per-spelling lengths.
+        spellings = [words, [apply_case(_TITLE, w) for w in words],
+                     "\n".join(words).upper().split("\n")]
+        self.text = "".join("".join(s) for s in spellings)
+        self.lengths = np.stack([np.fromiter(map(len, s), dtype=np.int64, count=len(words))
+                                 for s in spellings])
+        flat = self.lengths.ravel()
+        self.offsets = (np.cumsum(flat) - flat).reshape(self.lengths.shape)
+        self.size = len(self.text)
         # One buffer per thread: a perturber shared by threads (an engine's executor, a library
         # user's thread pool) must not have two chunks written into the same scratch space.
         self._local = threading.local()
@@ -269,7 +265,7 @@ class _Vocabulary:
         if buffer is None or len(buffer) < needed:
             # Grown geometrically and kept, so steady state copies only the chunk and the pool.
             buffer = np.empty(max(needed, 2 * (0 if buffer is None else len(buffer))), dtype=np.uint32)
-            buffer[: self.size] = _utf32("".join(self.words))
+            buffer[: self.size] = _utf32(self.text)
             self._local.buffer = buffer
         buffer[self.size : self.size + len(chunk)] = chunk
         buffer[self.size + len(chunk) : needed] = pool
@@ -308,10 +304,10 @@ class TextPerturber:
         self.oov = OovPolicy(oov)
         self.mask_token = mask_token
         self._index = index
+        self._mask_cps = _utf32(mask_token)
         self._packed_vocabulary: PackedVocabulary | None = None
         self._nfc_lookup = False  # set once a chunk needed NFC keys: the table gets NFC aliases
         self._vocab: _Vocabulary | None = None
-        self._cased: dict[int, str] = {}
 
     def _vocabulary(self) -> _Vocabulary:
         if self._vocab is None:
@@ -376,17 +372,15 @@ class TextPerturber:
         np.cumsum(known, out=known_before[1:])
         counters.doc_hist = np.bincount(np.diff(known_before[seg.doc_words]))
 
-        # Each word's replacement is a run in the buffer of _Vocabulary.with_chunk: an entry of
-        # the vocabulary, the word itself in the chunk's copy (OOV kept), or a string in a small
-        # pool built here (the mask token, re-cased words).
+        # Each word's replacement is a run in the buffer of _Vocabulary.with_chunk: a spelling of
+        # a vocabulary word (as is, Title or UPPER, after the original's case), the word itself in
+        # the chunk's copy (OOV kept), or the mask token placed after the chunk.
         vocab = self._vocabulary()
         chunk_at = vocab.size
         pool_at = chunk_at + len(seg.cps)
         safe_ids = np.where(known, out_ids, 0)
-        src_start = vocab.offsets[safe_ids]
-        new_lengths = vocab.lengths[safe_ids]
-        pool: list[str] = []
-        pool_size = 0
+        src_start = vocab.offsets[_AS_IS, safe_ids]
+        new_lengths = vocab.lengths[_AS_IS, safe_ids]
 
         oov_at = np.flatnonzero(~known)
         if oov_at.size:
@@ -398,25 +392,15 @@ class TextPerturber:
             else:
                 src_start[oov_at] = pool_at
                 new_lengths[oov_at] = len(self.mask_token)
-                pool.append(self.mask_token)
-                pool_size = len(self.mask_token)
 
         pattern = _case_patterns(seg, recased)
-        recased, pattern = recased[pattern != _AS_IS], pattern[pattern != _AS_IS]
-        if recased.size:
-            # Each distinct (replacement, case pattern) is spelled once per chunk, from a cache.
-            variants, which = _distinct_with_inverse(out_ids[recased] * 3 + pattern)
-            spelled = [self._spelled(v) for v in variants.tolist()]
-            lengths = np.fromiter(map(len, spelled), dtype=np.int64, count=len(spelled))
-            offsets = pool_at + pool_size + np.cumsum(lengths) - lengths
-            src_start[recased] = offsets[which]
-            new_lengths[recased] = lengths[which]
-            pool.extend(spelled)
+        src_start[recased] = vocab.offsets[pattern, out_ids[recased]]
+        new_lengths[recased] = vocab.lengths[pattern, out_ids[recased]]
 
         # Output runs alternate: text before word 0 (from the chunk), word 0, text between words 0
         # and 1, ..., text after the last word. BREAKs are part of that text, so they land in the
         # output too and give the document boundaries.
-        buffer = vocab.with_chunk(seg.cps, _utf32("".join(pool)))
+        buffer = vocab.with_chunk(seg.cps, self._mask_cps)
         run_start = np.empty(2 * n_words + 1, dtype=np.int64)
         run_length = np.empty(2 * n_words + 1, dtype=np.int64)
         run_start[0] = chunk_at
@@ -496,11 +480,3 @@ class TextPerturber:
                     table.setdefault(unicodedata.normalize("NFC", word), i)
             packed = self._packed_vocabulary = PackedVocabulary(table)
         return packed
-
-    def _spelled(self, variant: int) -> str:
-        """The vocabulary word `variant // 3` in case pattern `variant % 3`, cached."""
-        text = self._cased.get(variant)
-        if text is None:
-            word_id, pattern = divmod(variant, 3)
-            text = self._cased[variant] = apply_case(pattern, self._index.words[word_id])
-        return text

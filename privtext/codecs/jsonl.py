@@ -59,40 +59,50 @@ def locate(line: str, path: list[str]) -> list[tuple[int, int, str]]:
     return [span for span in found if span[2] is not None]  # nulls: present, nothing to perturb
 
 
-_KEY_PATTERNS: dict[str, re.Pattern[str]] = {}
+_QUOTED_KEYS: dict[str, str] = {}
 
 
 def _fast_locate(line: str, key: str) -> list[tuple[int, int, str]] | None:
     """The common case in C-speed steps, or None to take the walk.
 
-    The C scanner parses the whole line (validating it); if the object has `key` as a string, the
-    line holds no \\u escape (so the key is written literally) and `"key":` occurs exactly once
-    (so no duplicate and no nested object repeats it), that occurrence is the key: inside a string
-    a quote is escaped, and a string followed by a colon is a key. Anything else: None."""
+    The C scanner parses the whole line (validating it). If the object has `key` as a string and
+    the line holds no \\u escape, the key is written literally (no other escape yields a
+    letter), so `"key"` occurs in the line; if it occurs exactly once, that occurrence is the
+    key: no duplicate and no nested object repeats it, and a string holding it would add a
+    second one. Anything else: None."""
     if "\\u" in line:
         return None
     try:
-        record, end = _SCAN_OBJECTS(line, _ws(line, 0).end())
+        record, end = _SCAN_OBJECTS(line, 0 if line[:1] == "{" else _ws(line, 0).end())
     except (ValueError, StopIteration, RecursionError):
         return None
-    if type(record) is not dict or not isinstance(record.get(key), str):
+    if type(record) is not dict:
+        return None
+    value = record.get(key)
+    if type(value) is not str:
         return None
     if end != len(line) and _ws(line, end).end() != len(line):
         return None
-    pattern = _KEY_PATTERNS.get(key)
-    if pattern is None:
-        pattern = _KEY_PATTERNS.setdefault(key, re.compile(
-            re.escape(json.dumps(key, ensure_ascii=False)) + r"[ \t\n\r]*:[ \t\n\r]*"))
-    matches = pattern.findall(line)
-    if len(matches) != 1:
+    quoted = _QUOTED_KEYS.get(key)
+    if quoted is None:
+        quoted = _QUOTED_KEYS.setdefault(key, json.dumps(key, ensure_ascii=False))
+    at = line.find(quoted)
+    if at < 0 or line.find(quoted, at + 1) >= 0:
         return None
-    start = pattern.search(line).end()  # type: ignore[union-attr]
+    start = at + len(quoted)
+    if line[start] != ":":
+        start = _ws(line, start).end()
+        if line[start] != ":":
+            return None
+    start += 1
     if line[start] != '"':
+        start = _ws(line, start).end()
+        if line[start] != '"':
+            return None
+    text, stop = _scanstring(line, start + 1)
+    if text != value:
         return None
-    value, stop = _scanstring(line, start + 1)
-    if value != record[key]:
-        return None
-    return [(start, stop, value)]
+    return [(start, stop, text)]
 
 
 def _walk(s: str, i: int, path: list[str], depth: int, found: list[tuple[int, int, str | None]]) -> int:

@@ -364,6 +364,12 @@ class EmbeddingIndex:
     def vocabulary_mapping(self) -> dict[str, int]:
         """A new str → id dictionary: every word and every alias (what `word_to_id` caches)."""
         table = {w: i for i, w in enumerate(self.words)}
+        table.update(self.aliases())
+        return table
+
+    def aliases(self) -> dict[str, int]:
+        """Other spellings that map to a word's id (they win over a word spelled the same)."""
+        table = {}
         for line in self._read_verified_text("aliases.tsv").splitlines():
             word, _, idx = line.partition("\t")
             table[word] = int(idx)

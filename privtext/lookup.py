@@ -27,6 +27,7 @@ import numpy as np
 
 PACKED_CHARS = 16
 _EMPTY = -1
+_SPACE = 32
 _MIX_LO = np.uint64(0x9E3779B97F4A7C15)
 _MIX_HI = np.uint64(0xC2B2AE3D27D4EB4F)
 _SHIFT_32 = np.uint64(32)
@@ -62,43 +63,60 @@ def _slot(lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
 
 
 class PackedVocabulary:
-    """`mapping.get(word, -1)` for a whole chunk of words at once (see the module docstring)."""
+    """`mapping.get(word, -1)` for a whole chunk of words at once (see the module docstring).
 
-    def __init__(self, mapping: Mapping[str, int]):
-        # A key with a space or a NUL is never a word of the text: it cannot be asked for, and NUL
-        # would be confused with the padding.
-        keys = [k for k in mapping if 0 < len(k) <= PACKED_CHARS and " " not in k and "\x00" not in k]
+    Built from (keys, ids) entries in priority order: a key given twice keeps its first id, as a
+    dictionary filled in the reverse order would. No dictionary of all keys is ever built."""
+
+    def __init__(self, *entries: tuple[list[str], np.ndarray]):
+        keys = [k for group, _ in entries for k in group]
+        ids = np.concatenate([np.asarray(group_ids, dtype=np.int64) for _, group_ids in entries])
         joined = " ".join(keys) + " " * (PACKED_CHARS + 1)
         cps = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
         lengths = np.fromiter(map(len, keys), dtype=np.int64, count=len(keys))
         starts = np.cumsum(lengths + 1) - lengths - 1
         packable, lo, hi = _pack(cps, starts, lengths)
-        lo, hi = lo[packable], hi[packable]
-        ids = np.fromiter((mapping[k] for k, ok in zip(keys, packable.tolist()) if ok),
-                          dtype=np.int64, count=int(packable.sum()))
+        # A key with a space or a NUL is never a word of the text: it cannot be asked for, and
+        # NUL would be confused with the padding. Such keys stay out of the table.
+        packable &= lengths > 0
+        if joined.count(" ") != len(keys) + PACKED_CHARS or "\x00" in joined:  # rare: look closer
+            odd = np.zeros(cps.size + 1, dtype=np.int64)
+            np.cumsum((cps == 0) | (cps == _SPACE), out=odd[1:])
+            packable &= odd[starts + lengths] == odd[starts]
         # Only a word that cannot be packed is asked of a dictionary, and it can only equal a
-        # key that cannot be packed either: these few keys are all that is kept of `mapping`.
-        packed_keys = {k for k, ok in zip(keys, packable.tolist()) if ok}
-        self.unpacked = {k: v for k, v in mapping.items() if k not in packed_keys}
+        # key that cannot be packed either: these few keys are all that is kept as strings.
+        self.unpacked: dict[str, int] = {}
+        for i in np.flatnonzero(~packable).tolist():
+            self.unpacked.setdefault(keys[i], int(ids[i]))
+        lo, hi, ids = lo[packable], hi[packable], ids[packable]
         self.bits = max(4, int(len(ids) * 2 - 1).bit_length())  # load factor at most 1/2
         size = 1 << self.bits
         self.lo = np.zeros(size, dtype=np.uint64)  # (0, 0): an empty slot; no word packs to it
         self.hi = np.zeros(size, dtype=np.uint64)
         self.ids = np.full(size, _EMPTY, dtype=np.int64)
         # Insertion in rounds of linear probing: each round places, for every free slot wanted,
-        # the first key that wants it; the others move one slot on.
+        # the earliest key that wants it; the others move one slot on. Two copies of a key
+        # probe the same slots in lockstep, so the earlier one always sits first on the chain
+        # and is the one a lookup finds.
         slot = _slot(lo, hi, self.bits)
         pending = np.arange(len(ids))
         while pending.size:
-            free = self.ids[slot] == _EMPTY
-            wanted, first = np.unique(slot[free], return_index=True)
-            placed = np.flatnonzero(free)[first]
-            self.lo[wanted] = lo[pending[placed]]
-            self.hi[wanted] = hi[pending[placed]]
-            self.ids[wanted] = ids[pending[placed]]
+            free = np.flatnonzero(self.ids[slot] == _EMPTY)
+            order = np.argsort(slot[free], kind="stable")
+            wanted = slot[free][order]
+            first = np.ones(wanted.size, dtype=np.bool_)
+            np.not_equal(wanted[1:], wanted[:-1], out=first[1:])
+            placed = free[order[first]]
+            self.lo[wanted[first]] = lo[pending[placed]]
+            self.hi[wanted[first]] = hi[pending[placed]]
+            self.ids[wanted[first]] = ids[pending[placed]]
             keep = np.ones(pending.size, dtype=np.bool_)
             keep[placed] = False
             pending, slot = pending[keep], (slot[keep] + 1) & (size - 1)
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, int]) -> PackedVocabulary:
+        return cls((list(mapping), np.fromiter(mapping.values(), dtype=np.int64, count=len(mapping))))
 
     def look_up(self, cps: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
                 text: str) -> np.ndarray:

@@ -470,13 +470,18 @@ class TextPerturber:
             self._packed_vocabulary = None  # rebuilt with the aliases on next use
 
     def _packed(self) -> PackedVocabulary:
-        """The lookup table, built on first use. The str → id dictionary it is built from is not
-        kept (only its long and non-Latin-1 keys are), which saves a worker ~13 MiB."""
+        """The lookup table, built on first use from the words and aliases, in the priority of
+        `index.word_to_id` (aliases over words; NFC spellings only where nothing else is spelled
+        so). No str → id dictionary of the whole vocabulary is built (~13 MiB a worker)."""
         packed = self._packed_vocabulary
         if packed is None:
-            table = self._index.vocabulary_mapping()
-            if self._nfc_lookup and not unicodedata.is_normalized("NFC", "\n".join(table)):
-                for word, i in list(table.items()):
-                    table.setdefault(unicodedata.normalize("NFC", word), i)
-            packed = self._packed_vocabulary = PackedVocabulary(table)
+            words = self._index.words
+            aliases = self._index.aliases()
+            entries = [(list(aliases), np.fromiter(aliases.values(), dtype=np.int64, count=len(aliases))),
+                       (words, np.arange(len(words), dtype=np.int64))]
+            if self._nfc_lookup and not unicodedata.is_normalized("NFC", "\n".join([*aliases, *words])):
+                nfc = [(unicodedata.normalize("NFC", k), i) for keys, ids in entries
+                       for k, i in zip(keys, ids.tolist())]
+                entries.append(([k for k, _ in nfc], np.array([i for _, i in nfc], dtype=np.int64)))
+            packed = self._packed_vocabulary = PackedVocabulary(*entries)
         return packed

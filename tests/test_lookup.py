@@ -34,7 +34,7 @@ ADVERSARIAL_QUERIES = [
 
 def test_adversarial_words_match_the_dictionary() -> None:
     mapping = {w: i * 7 for i, w in enumerate(ADVERSARIAL_KEYS)}
-    vocabulary = PackedVocabulary(mapping)
+    vocabulary = PackedVocabulary.from_mapping(mapping)
     np.testing.assert_array_equal(_look_up_all(vocabulary, ADVERSARIAL_QUERIES),
                                   _oracle(mapping, ADVERSARIAL_QUERIES))
 
@@ -42,7 +42,7 @@ def test_adversarial_words_match_the_dictionary() -> None:
 def test_keys_with_a_nul_or_a_space_never_match_a_word() -> None:
     # "a\x00" would pack to the same bytes as "a": it is kept out of the table, so "a" is OOV.
     mapping = {"a\x00": 1, "b c": 2, "d": 3}
-    vocabulary = PackedVocabulary(mapping)
+    vocabulary = PackedVocabulary.from_mapping(mapping)
     np.testing.assert_array_equal(_look_up_all(vocabulary, ["a", "b", "c", "d"]), [-1, -1, -1, 3])
 
 
@@ -54,7 +54,7 @@ def test_random_vocabularies_with_long_probe_chains(seed: int) -> None:
         return "".join(rng.choice(alphabet, size=int(rng.integers(1, 20))))
     keys = sorted({word() for _ in range(3000)})
     mapping = {w: i for i, w in enumerate(keys)}
-    vocabulary = PackedVocabulary(mapping)
+    vocabulary = PackedVocabulary.from_mapping(mapping)
     queries = [*keys, *(word() for _ in range(5000))]
     rng.shuffle(queries)
     np.testing.assert_array_equal(_look_up_all(vocabulary, queries), _oracle(mapping, queries))
@@ -62,7 +62,27 @@ def test_random_vocabularies_with_long_probe_chains(seed: int) -> None:
 
 def test_the_real_vocabulary_matches_the_dictionary(glove_small) -> None:  # type: ignore[no-untyped-def]
     mapping = glove_small.word_to_id
-    vocabulary = PackedVocabulary(mapping)
+    vocabulary = PackedVocabulary.from_mapping(mapping)
     words = list(mapping)
     queries = [*words, *(w[:-1] for w in words if len(w) > 1), *(w + "s" for w in words)]
     np.testing.assert_array_equal(_look_up_all(vocabulary, queries), _oracle(mapping, queries))
+
+
+def test_a_key_given_twice_keeps_its_first_id() -> None:
+    # Many copies of the same few keys fight for the same slots: the earliest entry must win,
+    # for packed keys and for the long ones kept as strings alike.
+    keys = ["alpha", "beta", "x" * 30]
+    first = (keys * 50, np.arange(150) + 1000)
+    second = (keys * 50, np.arange(150))
+    vocabulary = PackedVocabulary(first, second)
+    np.testing.assert_array_equal(_look_up_all(vocabulary, [*keys, "gamma"]), [1000, 1001, 1002, -1])
+
+
+def test_the_text_path_table_answers_like_word_to_id(glove_small) -> None:  # type: ignore[no-untyped-def]
+    from privtext.mechanisms import create
+    from privtext.text import TextPerturber
+
+    perturber = TextPerturber(glove_small, create("gumbel", glove_small, 500.0, {}))
+    mapping = glove_small.word_to_id
+    queries = [*mapping, "zzzznotaword"]
+    np.testing.assert_array_equal(_look_up_all(perturber._packed(), queries), _oracle(mapping, queries))

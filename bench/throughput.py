@@ -466,7 +466,7 @@ def main() -> None:
         limits.append({"what": "faiss flat search, one core", "queries_per_second": round(qps)})
         print(f"FAISS flat search at {args.vocab_size:,} words, one core: {qps:,.0f} queries/s", flush=True)
         results["limits"] = limits
-        rows_by = {(r["corpus"], r["mechanism"], r["workers"]): r for r in results.get("perturb", "--no-risk", [])}  # type: ignore[union-attr]
+        rows_by = {(r["corpus"], r["mechanism"], r["workers"]): r for r in results.get("perturb", [])}  # type: ignore[union-attr]
         for lim in limits:
             if lim.get("what") == "bare loop, JSONL in and out":
                 for w in workers:

@@ -224,6 +224,21 @@ def test_hnsw_returns_near_exact_answers_and_recall_measures_them(glove_small) -
     assert lo <= narrow["recall_at_1_uniform"] <= hi
 
 
+def test_hnsw_answer_does_not_depend_on_the_order_of_points(glove_small) -> None:  # type: ignore[no-untyped-def]
+    """nearest_words sorts points by anchor before the graph search: each point's answer must be
+    the one it gets searched alone."""
+    rng = np.random.default_rng(14)
+    v = np.asarray(glove_small.vectors, np.float64)
+    anchors = rng.integers(0, glove_small.n, 300)
+    noisy = v[anchors] + laplace_noise(rng, len(anchors), glove_small.dim, 10.0)
+    together, dist = nearest_words(glove_small, noisy, anchors, k=2, search="hnsw", ef=8)
+    for i in range(0, 300, 29):
+        alone, alone_dist = nearest_words(glove_small, noisy[i : i + 1], anchors[i : i + 1], k=2,
+                                          search="hnsw", ef=8)
+        np.testing.assert_array_equal(together[i], alone[0])
+        np.testing.assert_array_equal(dist[i], alone_dist[0])
+
+
 def test_hnsw_graph_is_built_once_and_cached(glove_small) -> None:  # type: ignore[no-untyped-def]
     nearest_mod.hnsw_index(glove_small)
     files = list((glove_small.path / "derived").glob("hnsw-graph-*.npy"))

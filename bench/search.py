@@ -61,8 +61,7 @@ def main() -> None:
     faiss.omp_set_num_threads(1)
     from privtext.embeddings import EmbeddingSource
     from privtext.index import IndexSpec, ensure_index
-    from privtext.mechanisms import create
-    from privtext.mechanisms import nearest
+    from privtext.mechanisms import create, nearest
 
     index = ensure_index(IndexSpec(EmbeddingSource(), args.vocab_size, 64), None, progress=False).index
     load = os.getloadavg()

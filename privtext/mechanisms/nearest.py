@@ -1,21 +1,29 @@
 """Nearest vocabulary words to noisy points: certified exact search, or HNSW (approximate).
 
 Exact search (`search="exact"`, the default) returns the k nearest words in float64 distances of
-the stored vectors, certified word by word, through three steps:
+the stored vectors, certified word by word:
 
 1. Table pruning. For z = φ(x) + noise with ‖noise‖ = r, any word w outside x's K-row of the
    table has ‖φ(w) − φ(x)‖ ≥ κ_x (the K-th table distance, lowered by the float32 slack of the
    table's selection; see `envelope.tail_radius`), hence ‖z − φ(w)‖ ≥ κ_x − r. When the k-th
    best candidate inside the row is closer than that, the row's top-k is the exact top-k.
-2. The other tokens: FAISS flat search in float32 for the k + `EXTRA` smallest float32 distances,
-   which are then recomputed in float64 and re-ranked. FAISS's float32 value D̃(w) of the squared
-   distance from the float32 query q̃ to φ(w) is within E = (m + 4)·2⁻²⁴·(‖q̃‖ + max‖φ‖)² of the
-   true value, whether it uses ‖q̃‖² + ‖φ‖² − 2q̃·φ (BLAS) or the direct sum, in any summation
-   order. Every word FAISS did not return has D̃ ≥ τ (the largest returned value), so its true
-   distance to z is at least sqrt(τ − E) − ‖z − q̃‖. If the k-th float64 distance among the
-   returned words is below that bound, no other word can enter the top k: certified.
-3. Uncertified queries (near-ties at float32 precision) repeat step 2 with `WIDE` candidates, and
-   whatever is still uncertified is searched by a float64 scan of the whole vocabulary.
+2. The other points: the threshold search (`_threshold_search`, proof in its docstring). U, the
+   k-th float64 distance among a few real words (the row, or its first `TABLE_PROBE` words), bounds
+   the k-th nearest distance; a float32 matrix product over the vocabulary in tiles, with a proven
+   bound E on its rounding error, collects every word that could be within U of z, and the
+   collected words are ranked in float64. It replaced FAISS's top-(k + 1) search as the main
+   path because that search spends most of its time in its top-k selection (measured:
+   docs/performance.md, "The Laplace family").
+3. Points with more than `CANDIDATE_CAP` candidates (very small ε) take the former certificate:
+   FAISS flat search in float32 for the k + `EXTRA` smallest float32 distances, recomputed in
+   float64 and re-ranked. FAISS's float32 value D̃(w) of the squared distance from the float32
+   query q̃ to φ(w) is within E = (m + 4)·2⁻²⁴·(‖q̃‖ + max‖φ‖)² of the true value, whether it uses
+   ‖q̃‖² + ‖φ‖² − 2q̃·φ (BLAS) or the direct sum, in any summation order. Every word FAISS did not
+   return has D̃ ≥ τ (the largest returned value), so its true distance to z is at least
+   sqrt(τ − E) − ‖z − q̃‖. If the k-th float64 distance among the returned words is below that
+   bound, no other word can enter the top k: certified. Uncertified points (near-ties at float32
+   precision) repeat this with `WIDE` candidates, and whatever is still uncertified is searched
+   by a float64 scan of the whole vocabulary.
 
 Ties in float64 go to the smaller id. `search="hnsw"` asks an HNSW graph (faiss.IndexHNSWFlat,
 built once per index and cached with it) for the k nearest, then re-ranks them in float64: fast,

@@ -37,10 +37,101 @@ def test_exact_search_is_the_float64_brute_force(glove_small, epsilon: float, k:
     np.testing.assert_allclose(dist, want_dist, rtol=1e-12)
 
 
+@pytest.fixture
+def small_tiles(monkeypatch):  # type: ignore[no-untyped-def]
+    """Tiles far smaller than the defaults, so a 2,000-word index spans many word tiles and a
+    few hundred points many query tiles (the tightening of U crosses tile boundaries)."""
+    monkeypatch.setattr(nearest_mod, "_TILE_QUERIES", 37)
+    monkeypatch.setattr(nearest_mod, "_TILE_WORDS", 128)
+
+
+@pytest.mark.parametrize("epsilon", [0.5, 2.0, 5.0, 10.0, 30.0, 100.0])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_threshold_search_is_the_float64_brute_force(glove_small, small_tiles, epsilon: float,
+                                                     k: int) -> None:  # type: ignore[no-untyped-def]
+    """The default exact method against a float64 scan, over ε from far-away points (most of the
+    vocabulary within the first radius) to points next to their word, with Zipf anchors as in
+    running text and uniform ones."""
+    assert nearest_mod.EXACT_METHOD == "threshold"
+    rng = np.random.default_rng(int(epsilon * 10) + k)
+    v = np.asarray(glove_small.vectors, np.float64)
+    ranks = 1.0 / np.arange(1, glove_small.n + 1)
+    anchors = np.concatenate([rng.integers(0, glove_small.n, 300),
+                              rng.choice(glove_small.n, size=300, p=ranks / ranks.sum())])
+    noisy = v[anchors] + laplace_noise(rng, len(anchors), glove_small.dim, epsilon)
+    ids, dist = nearest_words(glove_small, noisy, anchors, k=k)
+    want_ids, want_dist = brute_force(v, noisy, k)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(dist, want_dist)  # the same float64 formula, bit for bit
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_threshold_search_decides_exact_and_near_ties(glove_small, small_tiles, k: int) -> None:  # type: ignore[no-untyped-def]
+    """Adversarial points: word vectors themselves (distance 0), points a float32 rounding step
+    from halfway between two words (1e-9 and 1e-12 apart, below float32 resolution), points
+    equidistant in float64 from two words by symmetry, all from unrelated anchors."""
+    v = np.asarray(glove_small.vectors, np.float64)
+    rng = np.random.default_rng(11)
+    a = rng.integers(0, glove_small.n, 60)
+    b = np.asarray(glove_small.neighbor_ids[a, 1 + rng.integers(0, 5, 60)], dtype=np.int64)
+    axis = (v[b] - v[a]) / np.linalg.norm(v[b] - v[a], axis=1, keepdims=True)
+    points = [v[a], (v[a] + v[b]) / 2]
+    for step in (1e-9, 1e-12):
+        points.append((v[a] + v[b]) / 2 + axis * rng.choice([-step, step], size=(len(a), 1)))
+    # A point on the bisector but away from the segment: equidistant up to float64 rounding.
+    normal = rng.normal(size=v[a].shape)
+    normal -= axis * np.einsum("ij,ij->i", normal, axis)[:, None]
+    points.append((v[a] + v[b]) / 2 + normal * 0.3)
+    noisy = np.vstack(points)
+    anchors = (np.tile(a, len(points)) + glove_small.n // 2) % glove_small.n
+    ids, dist = nearest_words(glove_small, noisy, anchors, k=k)
+    want_ids, want_dist = brute_force(v, noisy, k)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(dist, want_dist)
+
+
+def test_points_with_too_many_candidates_go_to_the_faiss_certificate(glove_small, small_tiles,
+                                                                    monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Beyond CANDIDATE_CAP collected words a point leaves the threshold search for the FAISS
+    certificate (and its float64 scan): the answer is still the brute force's."""
+    calls = {"points": 0}
+    real = nearest_mod._certified_search
+
+    def counting(index, noisy, k):  # type: ignore[no-untyped-def]
+        calls["points"] += len(noisy)
+        return real(index, noisy, k)
+
+    monkeypatch.setattr(nearest_mod, "_certified_search", counting)
+    monkeypatch.setattr(nearest_mod, "CANDIDATE_CAP", 4)
+    rng = np.random.default_rng(12)
+    v = np.asarray(glove_small.vectors, np.float64)
+    anchors = rng.integers(0, glove_small.n, 400)
+    noisy = v[anchors] + laplace_noise(rng, len(anchors), glove_small.dim, 1.0)
+    ids, dist = nearest_words(glove_small, noisy, anchors, k=2)
+    want_ids, want_dist = brute_force(v, noisy, 2)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(dist, want_dist, rtol=1e-12)
+    assert 0 < calls["points"] < len(anchors)  # some points, not all, took the fallback
+
+
+@pytest.mark.parametrize("epsilon", [3.0, 10.0])
+def test_both_exact_methods_agree(glove_small, monkeypatch, epsilon: float) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(13)
+    v = np.asarray(glove_small.vectors, np.float64)
+    anchors = rng.integers(0, glove_small.n, 500)
+    noisy = v[anchors] + laplace_noise(rng, len(anchors), glove_small.dim, epsilon)
+    new = nearest_words(glove_small, noisy, anchors, k=2)
+    monkeypatch.setattr(nearest_mod, "EXACT_METHOD", "faiss")
+    old = nearest_words(glove_small, noisy, anchors, k=2)
+    np.testing.assert_array_equal(new[0], old[0])
+
+
 def test_near_ties_beyond_float32_precision_are_decided_in_float64(glove_small, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Points almost exactly halfway between two words (1e-9 apart in distance), searched from
-    unrelated anchors so the table cannot prune: float32 cannot order the two words, so the
-    first certificate fails and the wider pass decides in float64."""
+    """The FAISS certificate (the fallback): points almost exactly halfway between two words
+    (1e-9 apart in distance), searched from unrelated anchors so the table cannot prune: float32
+    cannot order the two words, so the first certificate fails and the wider pass decides in
+    float64."""
+    monkeypatch.setattr(nearest_mod, "EXACT_METHOD", "faiss")
     widths: list[int] = []
     real_search = nearest_mod._faiss_search
 
@@ -62,8 +153,9 @@ def test_near_ties_beyond_float32_precision_are_decided_in_float64(glove_small, 
 
 
 def test_many_near_ties_fall_back_to_the_float64_scan(index_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """A query equidistant (up to 1e-9) from more words than the wider pass returns: only the
-    float64 scan can certify the answer."""
+    """The FAISS certificate (the fallback): a query equidistant (up to 1e-9) from more words than
+    the wider pass returns: only the float64 scan can certify the answer."""
+    monkeypatch.setattr(nearest_mod, "EXACT_METHOD", "faiss")
     calls = {"scan": 0}
     real_scan = nearest_mod._scan
 
@@ -82,6 +174,21 @@ def test_many_near_ties_fall_back_to_the_float64_scan(index_factory, monkeypatch
     want, _ = brute_force(v, centre, 2)
     np.testing.assert_array_equal(ids, want)
     assert calls["scan"] > 0
+
+
+def test_many_near_ties_in_the_threshold_search(index_factory, small_tiles) -> None:  # type: ignore[no-untyped-def]
+    """The same sphere of 200 words around a point, searched by the default method: all of them
+    fall inside the collection radius, and float64 decides among them."""
+    rng = np.random.default_rng(2)
+    sphere = rng.normal(size=(200, 8))
+    sphere /= np.linalg.norm(sphere, axis=1, keepdims=True)
+    idx = index_factory(np.vstack([sphere * 3.0, rng.normal(size=(100, 8)) * 0.2 + 9.0]), neighbors=4)
+    v = np.asarray(idx.vectors, np.float64)
+    centre = np.zeros((3, 8)) + rng.normal(size=(3, 8)) * 1e-9
+    for k in (1, 2, 4):  # up to the table width
+        ids, _ = nearest_words(idx, centre, np.array([250, 260, 270]), k=k)
+        want, _ = brute_force(v, centre, k)
+        np.testing.assert_array_equal(ids, want)
 
 
 def test_answer_does_not_depend_on_the_anchor(glove_small) -> None:  # type: ignore[no-untyped-def]
@@ -115,6 +222,21 @@ def test_hnsw_returns_near_exact_answers_and_recall_measures_them(glove_small) -
     assert narrow["recall_at_1_uniform"] < wide["recall_at_1_uniform"]  # the measure can tell
     lo, hi = narrow["interval_95_uniform"]
     assert lo <= narrow["recall_at_1_uniform"] <= hi
+
+
+def test_hnsw_answer_does_not_depend_on_the_order_of_points(glove_small) -> None:  # type: ignore[no-untyped-def]
+    """nearest_words sorts points by anchor before the graph search: each point's answer must be
+    the one it gets searched alone."""
+    rng = np.random.default_rng(14)
+    v = np.asarray(glove_small.vectors, np.float64)
+    anchors = rng.integers(0, glove_small.n, 300)
+    noisy = v[anchors] + laplace_noise(rng, len(anchors), glove_small.dim, 10.0)
+    together, dist = nearest_words(glove_small, noisy, anchors, k=2, search="hnsw", ef=8)
+    for i in range(0, 300, 29):
+        alone, alone_dist = nearest_words(glove_small, noisy[i : i + 1], anchors[i : i + 1], k=2,
+                                          search="hnsw", ef=8)
+        np.testing.assert_array_equal(together[i], alone[0])
+        np.testing.assert_array_equal(dist[i], alone_dist[0])
 
 
 def test_hnsw_graph_is_built_once_and_cached(glove_small) -> None:  # type: ignore[no-untyped-def]

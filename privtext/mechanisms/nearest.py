@@ -1,21 +1,29 @@
 """Nearest vocabulary words to noisy points: certified exact search, or HNSW (approximate).
 
 Exact search (`search="exact"`, the default) returns the k nearest words in float64 distances of
-the stored vectors, certified word by word, through three steps:
+the stored vectors, certified word by word:
 
 1. Table pruning. For z = φ(x) + noise with ‖noise‖ = r, any word w outside x's K-row of the
    table has ‖φ(w) − φ(x)‖ ≥ κ_x (the K-th table distance, lowered by the float32 slack of the
    table's selection; see `envelope.tail_radius`), hence ‖z − φ(w)‖ ≥ κ_x − r. When the k-th
    best candidate inside the row is closer than that, the row's top-k is the exact top-k.
-2. The other tokens: FAISS flat search in float32 for the k + `EXTRA` smallest float32 distances,
-   which are then recomputed in float64 and re-ranked. FAISS's float32 value D̃(w) of the squared
-   distance from the float32 query q̃ to φ(w) is within E = (m + 4)·2⁻²⁴·(‖q̃‖ + max‖φ‖)² of the
-   true value, whether it uses ‖q̃‖² + ‖φ‖² − 2q̃·φ (BLAS) or the direct sum, in any summation
-   order. Every word FAISS did not return has D̃ ≥ τ (the largest returned value), so its true
-   distance to z is at least sqrt(τ − E) − ‖z − q̃‖. If the k-th float64 distance among the
-   returned words is below that bound, no other word can enter the top k: certified.
-3. Uncertified queries (near-ties at float32 precision) repeat step 2 with `WIDE` candidates, and
-   whatever is still uncertified is searched by a float64 scan of the whole vocabulary.
+2. The other points: the threshold search (`_threshold_search`, proof in its docstring). U, the
+   k-th float64 distance among a few real words (the row, or its first `TABLE_PROBE` words), bounds
+   the k-th nearest distance; a float32 matrix product over the vocabulary in tiles, with a proven
+   bound E on its rounding error, collects every word that could be within U of z, and the
+   collected words are ranked in float64. It replaced FAISS's top-(k + 1) search as the main
+   path because that search spends most of its time in its top-k selection (measured:
+   docs/performance.md, "The Laplace family").
+3. Points with more than `CANDIDATE_CAP` candidates (very small ε) take the former certificate:
+   FAISS flat search in float32 for the k + `EXTRA` smallest float32 distances, recomputed in
+   float64 and re-ranked. FAISS's float32 value D̃(w) of the squared distance from the float32
+   query q̃ to φ(w) is within E = (m + 4)·2⁻²⁴·(‖q̃‖ + max‖φ‖)² of the true value, whether it uses
+   ‖q̃‖² + ‖φ‖² − 2q̃·φ (BLAS) or the direct sum, in any summation order. Every word FAISS did not
+   return has D̃ ≥ τ (the largest returned value), so its true distance to z is at least
+   sqrt(τ − E) − ‖z − q̃‖. If the k-th float64 distance among the returned words is below that
+   bound, no other word can enter the top k: certified. Uncertified points (near-ties at float32
+   precision) repeat this with `WIDE` candidates, and whatever is still uncertified is searched
+   by a float64 scan of the whole vocabulary.
 
 Ties in float64 go to the smaller id. `search="hnsw"` asks an HNSW graph (faiss.IndexHNSWFlat,
 built once per index and cached with it) for the k nearest, then re-ranks them in float64: fast,
@@ -45,6 +53,17 @@ _FAISS_FAST_BATCH = 4096
 _FAISS_PAD_FROM = 1100
 EXTRA = 1  # candidates beyond k in the first float32 search (the certificate needs one)
 WIDE = 64  # candidates in the second search, for the few near-ties of the first
+# The exact search: "threshold" (a per-query collection radius from the table, see
+# `_threshold_search`) or "faiss" (the former FAISS flat top-k certificate, still the fallback;
+# bench/search.py selects it to measure the difference).
+EXACT_METHOD = "threshold"
+TABLE_PROBE = 16
+CANDIDATE_CAP = 512
+# Tiles of the threshold search: numpy's float32 matmul costs ~0.85 ns per (query, word) at
+# m = 50, most of it a fixed cost per output; these shapes keep a tile in L2 (measured best).
+_TILE_QUERIES = 256
+_TILE_WORDS = 2048
+_PAIRS = 65_536  # candidate pairs measured at once (bounds the float64 gather's memory)
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 16
@@ -128,7 +147,14 @@ def nearest_words(index: EmbeddingIndex, noisy: np.ndarray, anchors: np.ndarray,
     if t == 0:
         return out_ids, out_dist
     if search == "hnsw":
-        return _hnsw_search(index, noisy, k, ef)
+        # Points of the same word land in the same region of the graph: searched together they
+        # find its nodes in cache (+13% queries/s measured at ε = 10). Each point's search is
+        # independent of the others, so the order changes no answer.
+        order = np.argsort(anchors, kind="stable")
+        ids, dist = _hnsw_search(index, noisy[order], k, ef)
+        out_ids[order] = ids
+        out_dist[order] = dist
+        return out_ids, out_dist
     if search != "exact":
         raise ValueError(f"unknown search {search!r}")
     vectors = index.vectors
@@ -137,7 +163,10 @@ def nearest_words(index: EmbeddingIndex, noisy: np.ndarray, anchors: np.ndarray,
     whole = index.n <= index.neighbors  # the table holds the whole vocabulary: always exact
     # Pruning can only succeed when r < κ_x; the others go straight to the full search.
     hopeful = np.arange(t) if whole else np.flatnonzero(radius < kappa[anchors])
-    fallback = [np.setdiff1d(np.arange(t), hopeful, assume_unique=True)]
+    todo = [np.setdiff1d(np.arange(t), hopeful, assume_unique=True)]
+    # k words per point with their float64 distances, the start of `_threshold_search`.
+    start_ids = np.full((t, k), -1, dtype=np.int64)
+    start_dist = np.empty((t, k))
     for start in range(0, len(hopeful), _BATCH):
         sl = hopeful[start : start + _BATCH]
         rows = np.asarray(index.neighbor_ids[anchors[sl]], dtype=np.int64)
@@ -148,13 +177,156 @@ def nearest_words(index: EmbeddingIndex, noisy: np.ndarray, anchors: np.ndarray,
             bound = kappa[anchors[sl]] - radius[sl]
             # A tiny margin keeps float64 rounding from certifying a near-tie.
             safe = dist[:, -1] < bound - 1e-9 * (1.0 + np.abs(bound))
-            fallback.append(sl[~safe])
-    todo = np.concatenate(fallback)
-    if len(todo):
-        ids, dist = _certified_search(index, noisy[todo], k)
-        out_ids[todo] = ids
-        out_dist[todo] = dist
+            todo.append(sl[~safe])
+            start_ids[sl], start_dist[sl] = ids, dist
+    rest = np.concatenate(todo)
+    if not len(rest):
+        return out_ids, out_dist
+    if EXACT_METHOD == "faiss":
+        ids, dist = _certified_search(index, noisy[rest], k)
+    else:
+        unknown = rest[start_ids[rest, 0] < 0]
+        start_ids[unknown], start_dist[unknown] = _probe(index, noisy[unknown], anchors[unknown], k)
+        ids, dist, over = _threshold_search(index, noisy[rest], start_ids[rest], start_dist[rest], k)
+        if over.any():
+            ids[over], dist[over] = _certified_search(index, noisy[rest[over]], k)
+    out_ids[rest] = ids
+    out_dist[rest] = dist
     return out_ids, out_dist
+
+
+def _probe(index: EmbeddingIndex, noisy: np.ndarray, anchors: np.ndarray,
+           k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest among the first `TABLE_PROBE` words of each anchor's table row (ids and
+    float64 distances, nearest first): real words, so their k-th distance is an upper bound on
+    the k-th nearest distance. At useful ε most noisy points land nearest to one of them (80%
+    at ε = 10 on GloVe 100k), which starts `_threshold_search` with a tight radius."""
+    width = max(k, min(TABLE_PROBE, index.neighbors))
+    ids = np.empty((len(noisy), k), dtype=np.int64)
+    dist = np.empty((len(noisy), k))
+    for start in range(0, len(noisy), _BATCH):
+        sl = slice(start, start + _BATCH)
+        rows = np.asarray(index.neighbor_ids[anchors[sl], :width], dtype=np.int64)
+        ids[sl], dist[sl] = _rerank(index, noisy[sl], rows, k)
+    return ids, dist
+
+
+_PACKED: dict[str, np.ndarray] = {}
+
+
+def _packed(index: EmbeddingIndex) -> np.ndarray:
+    """(m + 1, n) float32, column w = (−2φ(w), fl32(‖φ(w)‖²)): one matrix product with the
+    rows (q̃, 1) gives ‖φ(w)‖² − 2q̃·φ(w), the squared distance less ‖q̃‖², which is constant
+    per query and so not needed to compare words against a per-query threshold."""
+    key = str(index.path)
+    if key not in _PACKED:
+        v = np.asarray(index.vectors, dtype=np.float64)
+        packed = np.empty((index.dim + 1, index.n), dtype=np.float32)
+        packed[: index.dim] = -2.0 * v.T  # exact: doubling a float32
+        packed[index.dim] = np.einsum("ij,ij->i", v, v)
+        _PACKED[key] = packed
+    return _PACKED[key]
+
+
+def _threshold_search(index: EmbeddingIndex, noisy: np.ndarray, start_ids: np.ndarray,
+                      start_dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact k nearest words of each noisy point z, given k distinct words and their float64
+    distances (`start_ids`, `start_dist`). Returns ids, distances and a mask of points left to
+    the caller (more than `CANDIDATE_CAP` candidates: a point far from every word).
+
+    Why it is exact. U, the k-th smallest float64 distance among k distinct real words, bounds
+    the k-th nearest distance from above; it only ever shrinks below, as better words turn up.
+    Let q̃ = fl32(z), s ≥ ‖z − q̃‖ and M = max‖φ‖. The tile product computes
+    c(w) ≈ ‖φ(w)‖² − 2q̃·φ(w), a sum of m + 1 float32 products. Whatever the summation order
+    (BLAS blocking, FMA or not), its error is at most γ_{m+1}·Σ|terms| ≤ γ_{m+1}·(‖q̃‖ + M)²
+    with γ_j = j·2⁻²⁴/(1 − j·2⁻²⁴) (Higham, Accuracy and Stability of Numerical Algorithms,
+    Thm 3.1, valid for any order), and the stored fl32(‖φ(w)‖²) adds at most 2⁻²⁴·M²;
+    E = (m + 5)·2⁻²⁴·(‖q̃‖ + M)² covers both. A word with d(z, w) ≤ U has
+    ‖q̃ − φ(w)‖ ≤ U + s, so c(w) ≤ (U + s)² − ‖q̃‖² + E = T (raised by a relative 1e-9 for the
+    float64 evaluation of T and of the distances). Every word with c(w) < T (T for the U of the
+    moment, never below the final U's) is collected, so every word at float64 distance ≤ the
+    final U is: all k nearest words and anything tied with the k-th. The collected words are
+    ranked by float64 distance, ties to the smaller id: the same answer as a float64 scan of the
+    whole vocabulary. A row's float32 minimum decides whether a tile row holds any candidate, and
+    that row's best word, measured in float64, tightens U for the tiles after it (the vocabulary
+    is in frequency order, so the first tiles hold the central, frequent words)."""
+    t = len(noisy)
+    dim, n = index.dim, index.n
+    packed = _packed(index)
+    q32 = np.ascontiguousarray(noisy, dtype=np.float32)
+    q64 = q32.astype(np.float64)
+    shift = 2.0 * np.linalg.norm(noisy - q64, axis=1)  # ‖z − q̃‖, doubled against its rounding
+    qn2 = np.einsum("ij,ij->i", q64, q64)
+    error = (dim + 5) * _U32 * (np.sqrt(qn2) + index.geometry.max_norm) ** 2
+
+    def threshold(u: np.ndarray, sl: slice | np.ndarray) -> np.ndarray:
+        far = (u + shift[sl]) ** 2
+        return far - qn2[sl] + error[sl] + 1e-9 * (1.0 + far + qn2[sl])
+
+    lhs = np.empty((t, dim + 1), dtype=np.float32)
+    lhs[:, :dim] = q32
+    lhs[:, dim] = 1.0
+    best_ids = start_ids.copy()
+    best_dist = start_dist.copy()
+    counts = np.zeros(t, dtype=np.int64)
+    over = np.zeros(t, dtype=bool)
+    tile = np.empty((min(_TILE_QUERIES, t), _TILE_WORDS), dtype=np.float32)
+    for qs in range(0, t, _TILE_QUERIES):
+        rows = lhs[qs : qs + _TILE_QUERIES]
+        span = np.arange(len(rows))
+        limit = threshold(best_dist[qs : qs + _TILE_QUERIES, -1], slice(qs, qs + _TILE_QUERIES))
+        for ws in range(0, n, _TILE_WORDS):
+            block = packed[:, ws : ws + _TILE_WORDS]
+            out = tile[: len(rows), : block.shape[1]]
+            np.matmul(rows, block, out=out)
+            arg = np.argmin(out, axis=1)
+            hit = np.flatnonzero(out[span, arg] < limit)
+            if not len(hit):
+                continue
+            g = hit + qs
+            # The row's best word first: its float64 distance often tightens U at once, which
+            # keeps the pairs below few when U started loose (a point far from its anchor).
+            _merge(index, noisy, best_ids, best_dist, g, g, arg[hit] + ws)
+            limit[hit] = threshold(best_dist[g, -1], g)
+            r, c = np.nonzero(out[hit] < limit[hit, None])
+            counts[g] += np.bincount(r, minlength=len(hit))
+            for lo in range(0, len(r), _PAIRS):
+                _merge(index, noisy, best_ids, best_dist, g, hit[r[lo : lo + _PAIRS]] + qs,
+                       c[lo : lo + _PAIRS] + ws)
+            limit[hit] = threshold(best_dist[g, -1], g)
+            full = hit[counts[g] > CANDIDATE_CAP]
+            if len(full):  # stop collecting for these; the caller searches them another way
+                limit[full] = -np.inf
+                over[full + qs] = True
+    return best_ids, best_dist, over
+
+
+def _merge(index: EmbeddingIndex, noisy: np.ndarray, best_ids: np.ndarray, best_dist: np.ndarray,
+           group: np.ndarray, cand_q: np.ndarray, cand_w: np.ndarray) -> None:
+    """Fold candidate words (cand_q[i]'s candidate cand_w[i]) into the k best words of the points
+    `group`, in place: float64 distance, ties to the smaller id, each word once."""
+    k = best_ids.shape[1]
+    dist = _distances(index, noisy[cand_q], cand_w)
+    q = np.concatenate([np.repeat(group, k), cand_q])
+    w = np.concatenate([best_ids[group].ravel(), cand_w])
+    d = np.concatenate([best_dist[group].ravel(), dist])
+    order = np.lexsort((w, d, q))
+    q, w, d = q[order], w[order], d[order]
+    # The same word has the same distance, so its copies are adjacent: keep the first.
+    fresh = np.ones(len(q), dtype=bool)
+    fresh[1:] = (q[1:] != q[:-1]) | (w[1:] != w[:-1])
+    q, w, d = q[fresh], w[fresh], d[fresh]
+    first = np.searchsorted(q, group)
+    pick = first[:, None] + np.arange(k)
+    best_ids[group] = w[pick]
+    best_dist[group] = d[pick]
+
+
+def _distances(index: EmbeddingIndex, points: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """float64 ‖points[i] − φ(ids[i])‖, the one formula every exact distance here uses."""
+    diff = np.asarray(index.vectors[ids], dtype=np.float64)
+    diff -= points
+    return np.linalg.norm(diff, axis=-1)
 
 
 _KAPPA: dict[str, np.ndarray] = {}
@@ -169,7 +341,7 @@ def _kappa(index: EmbeddingIndex) -> np.ndarray:
 
 def _rerank(index: EmbeddingIndex, noisy: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest among candidate ids (t, c) by float64 distance; ties to the smaller id."""
-    d = np.linalg.norm(np.asarray(index.vectors[cand], dtype=np.float64) - noisy[:, None, :], axis=2)
+    d = _distances(index, noisy[:, None, :], cand)
     order = np.lexsort((cand, d), axis=1)[:, :k]  # by distance, then by id
     return np.take_along_axis(cand, order, axis=1), np.take_along_axis(d, order, axis=1)
 

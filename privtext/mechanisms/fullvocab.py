@@ -115,6 +115,19 @@ def search_rows(table: np.ndarray, rows: np.ndarray, targets: np.ndarray) -> np.
     return np.minimum(lo, width - 1)
 
 
+def first_above(flat: np.ndarray, base: np.ndarray, width: int, targets: np.ndarray) -> np.ndarray:
+    """For each i, the number of entries of the non-decreasing run flat[base[i] : base[i] + width]
+    that are ≤ targets[i] (so `width` when none exceeds it): a binary search vectorised over i."""
+    lo = np.zeros(len(base), dtype=np.int64)
+    hi = np.full(len(base), width, dtype=np.int64)
+    for _ in range(max(1, math.ceil(math.log2(width + 1)))):
+        mid = (lo + hi) >> 1
+        right = (flat[base + np.minimum(mid, width - 1)] <= targets) & (lo < hi)
+        lo = np.where(right, mid + 1, lo)
+        hi = np.where(right, hi, mid)
+    return lo
+
+
 class FullVocabularySampler:
     """Draws y ∈ [lo, hi) with P[y | x] ∝ exp(log_prior(y) − scale · min(d(x, y), clamp))."""
 
@@ -172,9 +185,8 @@ class FullVocabularySampler:
 
     # -- the distribution -----------------------------------------------------------------------
 
-    def _fill_weights(self, words: np.ndarray, weights: np.ndarray, cdf: np.ndarray) -> None:
-        """Unnormalised weights of each word's row into weights[:len(words)] (padding columns
-        stay 0) and the cumulative block totals into cdf[:len(words)]."""
+    def _fill_weights(self, words: np.ndarray, weights: np.ndarray) -> None:
+        """Unnormalised weights of each word's row into weights[:len(words), :width]."""
         b = len(words)
         row = weights[:b, : self.width]
         # scale² goes into the matrix product, so sqrt yields scale·d directly (one pass fewer).
@@ -191,32 +203,40 @@ class FullVocabularySampler:
         # else every row holds its own word at distance exactly 0, so its maximum is at least
         # −(range of the prior) and at most 0: no per-row shift needed.
         np.exp(row, out=row)
-        np.cumsum(weights[:b].reshape(b, self.blocks, BLOCK).sum(axis=2), axis=1, out=cdf[:b])
+
+    def _fill_cumulative(self, words: np.ndarray, weights: np.ndarray, cdf: np.ndarray) -> None:
+        """Each word's row as cumulative sums restarted at every block of BLOCK words into
+        weights[:len(words)], and the cumulative block totals into cdf[:len(words)]. Stored
+        once per row, so a draw is two binary searches instead of a sum over a block per token;
+        the block total is the in-block sum's last entry, so both levels agree exactly."""
+        b = len(words)
+        self._fill_weights(words, weights)
+        weights[:b, self.width :] = 0.0  # padding: the buffer may hold an earlier row's sums
+        blocks = weights[:b].reshape(b, self.blocks, BLOCK)
+        np.cumsum(blocks, axis=2, out=blocks)
+        np.cumsum(blocks[:, :, -1], axis=1, out=cdf[:b])
 
     def probabilities(self, word: int) -> np.ndarray:
         """The exact output distribution of `word` over [lo, hi) (normalised, float64)."""
         weights = np.zeros((1, self.padded))
-        cdf = np.empty((1, self.blocks))
-        self._fill_weights(np.array([word], dtype=np.int64), weights, cdf)
+        self._fill_weights(np.array([word], dtype=np.int64), weights)
         return weights[0, : self.width] / weights[0, : self.width].sum()
 
     # -- sampling -------------------------------------------------------------------------------
 
-    def _draw(self, weights: np.ndarray, cdf: np.ndarray, rows: np.ndarray, u: np.ndarray) -> np.ndarray:
-        """Inverse CDF for tokens whose weight rows are weights[rows]: candidate offsets."""
+    def _draw(self, cumulative: np.ndarray, cdf: np.ndarray, rows: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """Inverse CDF for tokens whose rows (in-block cumulative sums, see `_fill_cumulative`)
+        are cumulative[rows]: candidate offsets."""
         out = np.empty(len(rows), dtype=np.int64)
-        flat = weights.reshape(-1)
-        offsets = np.arange(BLOCK)
+        flat = cumulative.reshape(-1)
         for start in range(0, len(rows), _TOKEN_SLICE):
             r = rows[start : start + _TOKEN_SLICE]
             target = u[start : start + _TOKEN_SLICE] * cdf[r, -1]
             block = search_rows(cdf, r, target)
             before = np.where(block > 0, cdf[r, np.maximum(block - 1, 0)], 0.0)
             residual = target - before
-            segment = flat[(r * self.padded + block * BLOCK)[:, None] + offsets]
-            np.cumsum(segment, axis=1, out=segment)
-            pos = (segment <= residual[:, None]).sum(axis=1)
-            # Rounding between the block total and the in-block sum can push pos one past the
+            pos = first_above(flat, r * self.padded + block * BLOCK, BLOCK, residual)
+            # Rounding between the block totals and the target can push pos one past the
             # block's last word (probability ~1e-16); keep it on a real word.
             valid = np.minimum(BLOCK, self.width - block * BLOCK)
             out[start : start + _TOKEN_SLICE] = block * BLOCK + np.minimum(pos, valid - 1)
@@ -233,7 +253,7 @@ class FullVocabularySampler:
         for start in range(0, len(missing), _WORD_BATCH):
             batch = missing[start : start + _WORD_BATCH]
             weights, cdf = self._work_buffers()
-            self._fill_weights(batch, weights, cdf)
+            self._fill_cumulative(batch, weights, cdf)
             self._cache_weights[batch] = weights[: len(batch)]
             self._cache_cdf[batch] = cdf[: len(batch)]
             self._cached[batch] = True
@@ -292,7 +312,7 @@ class FullVocabularySampler:
             weights, cdf = self._work_buffers()
             for a in range(n_cached, len(words), _WORD_BATCH):
                 b = min(a + _WORD_BATCH, len(words))
-                self._fill_weights(words[a:b], weights, cdf)
+                self._fill_cumulative(words[a:b], weights, cdf)
                 tok = order[bounds[a] : bounds[b]]
                 out[tok] = self._draw(weights, cdf, inverse[tok] - a, u[tok])
         return out + self.lo

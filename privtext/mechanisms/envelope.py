@@ -57,7 +57,14 @@ from privtext.mechanisms.sampling import open_uniform
 REVERSE_ARTIFACT = "reverse-neighbours"
 DEFAULT_MAX_TRIES = 4096
 DEFAULT_ROUND_TRIES = 4
-_TOKEN_SLICE = 4096
+# Proposals per token in later rounds grow to this: few pending tokens make a round's fixed cost
+# (a few dozen numpy calls) dominate, and they are the words with the lowest acceptance.
+_MAX_ROUND_TRIES = 64
+_SLICE_PROPOSALS = 16384
+_BUSY_ROUND = 4096  # while more tokens than this are pending, rounds keep round_tries each
+# Merging the bins below κ_x into one part needs Π over them as one float64 cumulative sum,
+# exact only while π's range leaves every word far above underflow.
+_MERGE_PRIOR_RANGE = 600.0
 _QUANTILE_BINS = 32
 _BIN_WIDTH = 0.2
 # Relative margin between distances computed by different float64 formulas (about 1e-14 apart).
@@ -121,6 +128,8 @@ class EnvelopeSampler:
         self.log_prior = lp
         self.whole_table = index.neighbors >= n
         self._ready = False
+        self.proposals = 0  # proposals drawn and tokens sampled in this process (diagnostics)
+        self.tokens = 0
 
     # -- per-sampler structures (built lazily in each process) -----------------------------------
 
@@ -170,6 +179,14 @@ class EnvelopeSampler:
             for a, m in zip(starts, self.bin_size, strict=True):
                 np.cumsum(rel[a : a + m], out=self.local_cum[a : a + m])
             self._local_steps = max(1, math.ceil(math.log2(int(self.bin_size.max()))) + 1)
+        self.bin_end = self.bin_start + self.bin_size
+        finite = lp[np.isfinite(lp)]
+        self.merge_low = bool(len(finite)) and float(finite.max() - finite.min()) <= _MERGE_PRIOR_RANGE
+        # log Σ π over bins 0..B (the merged low part's prior mass), and π cumulated over the
+        # κ order from the first word: a prefix is sampled by one inverse CDF, with no cancellation.
+        self.low_log_prior = np.logaddexp.accumulate(self.bin_log_prior)
+        if self.merge_low and not self.uniform_bins:
+            self.prefix_cum = np.cumsum(np.exp(lp))
 
     def prepare(self) -> None:
         if not self.whole_table:
@@ -194,19 +211,30 @@ class EnvelopeSampler:
             terms["parts"] = np.ones((len(words), 1))
             return terms
         kx = self.kappa[words]
-        parts = np.empty((len(words), len(self.bin_start) + 2))
+        nbins = len(self.bin_start)
+        # Columns: [table, low, bin 0 … bin B−1, E]. "low" merges the bins with κ_B ≤ κ_x, whose
+        # bound π(y)·exp(−s·min(κ_x, c)) is the same multiple of π(y) for all of them, so one
+        # draw over their words by π replaces a search among them; those bins get mass 0.
+        n_low = np.searchsorted(self.bin_kappa, kx, side="right") if self.merge_low else np.zeros(len(words), dtype=np.int64)
+        parts = np.empty((len(words), nbins + 3))
         parts[:, 0] = a_table
-        parts[:, 1:-1] = self.bin_log_prior[None, :] - s * np.minimum(
+        cut = -s * np.minimum(kx, c)
+        with np.errstate(divide="ignore"):
+            parts[:, 1] = np.where(n_low > 0, self.low_log_prior[np.maximum(n_low - 1, 0)] + cut, -np.inf)
+        parts[:, 2:-1] = self.bin_log_prior[None, :] - s * np.minimum(
             np.maximum(kx[:, None], self.bin_kappa[None, :]), c)
+        parts[:, 2:-1][np.arange(nbins)[None, :] < n_low[:, None]] = -np.inf
         rev_start = self.rev_offsets[words]
         rev_size = self.rev_offsets[words + 1] - rev_start
         with np.errstate(divide="ignore"):
-            parts[:, -1] = np.log(rev_size.astype(np.float64)) - s * np.minimum(kx, c)
+            parts[:, -1] = np.log(rev_size.astype(np.float64)) + cut
         parts -= parts.max(axis=1, keepdims=True)
         np.exp(parts, out=parts)
         np.cumsum(parts, axis=1, out=parts)
         parts /= parts[:, -1:]
-        terms.update(parts=parts, rev_start=rev_start, rev_size=rev_size)
+        low_end = np.where(n_low > 0, self.bin_end[np.maximum(n_low - 1, 0)], 0)
+        terms.update(parts=parts, rev_start=rev_start, rev_size=rev_size, kappa=kx, d_k=self.d_k[words],
+                     low_end=low_end)
         return terms
 
     # -- sampling ------------------------------------------------------------------------------------
@@ -224,15 +252,21 @@ class EnvelopeSampler:
         terms = self._word_terms(words)
         pending = np.arange(len(ids))
         tries = 0
+        k = self.round_tries
+        self.tokens += len(ids)
         while len(pending) and tries < self.max_tries:
-            k = min(self.round_tries, self.max_tries - tries)
+            if len(pending) <= _BUSY_ROUND and tries:
+                k = min(2 * k, _MAX_ROUND_TRIES)
+            k = min(k, self.max_tries - tries)
             still = []
-            for start in range(0, len(pending), _TOKEN_SLICE):
-                tok = pending[start : start + _TOKEN_SLICE]
+            step = max(1, _SLICE_PROPOSALS // k)
+            for start in range(0, len(pending), step):
+                tok = pending[start : start + step]
                 got, value = self._round(ids[tok], inverse[tok], k, terms, rng)
                 out[tok[got]] = value[got]
                 done[tok[got]] = True
                 still.append(tok[~got])
+            self.proposals += len(pending) * k
             pending = np.concatenate(still)
             tries += k
         return out, done
@@ -243,31 +277,49 @@ class EnvelopeSampler:
         (accepted, output) with the first accepted proposal of each token."""
         t = len(x)
         s, c = self.scale, self.clamp
-        xx = np.repeat(x, k)
-        ww = np.repeat(w, k)
-        u_part = open_uniform(rng, t * k)
-        u_pick = open_uniform(rng, t * k)
-        u_accept = open_uniform(rng, t * k)
+        u = open_uniform(rng, (2, t, k))
+        u_part, u_pick = u[0], u[1]
         parts = terms["parts"]
-        col = search_rows(parts, ww, u_part) if parts.shape[1] > 1 else np.zeros(t * k, dtype=np.int64)
-        y = np.zeros(t * k, dtype=np.int64)
-        accept = np.zeros(t * k, dtype=bool)
-
-        sel = np.flatnonzero(col == 0)  # the exact table part: always accepted
-        if len(sel):
+        if parts.shape[1] == 1:  # the table is the whole vocabulary: every proposal is exact
             cum = terms["cum"]
-            r = ww[sel]
+            target = u_pick[:, 0] * cum[w, -1]
+            j = np.minimum((cum[w] <= target[:, None]).sum(axis=1), cum.shape[1] - 1)
+            return np.ones(t, dtype=bool), terms["rows"][w, j]
+        # An exponential variate per proposal for the acceptance test: accepting when
+        # E > log g(y) − log w(y) happens with probability w(y)/g(y).
+        expo = rng.standard_exponential((t, k))
+        pw = parts[w]  # (t, columns): each token's cumulative part masses
+        table_p = u_part < pw[:, 0:1]
+        low_p = ~table_p & (u_part < pw[:, 1:2])
+        y = np.zeros((t, k), dtype=np.int64)
+
+        sel = np.nonzero(table_p)  # the exact table part: always accepted
+        if len(sel[0]):
+            cum = terms["cum"]
+            r = w[sel[0]]
             target = u_pick[sel] * cum[r, -1]
             j = np.minimum((cum[r] <= target[:, None]).sum(axis=1), cum.shape[1] - 1)
             y[sel] = terms["rows"][r, j]
-            accept[sel] = True
-        if parts.shape[1] == 1:
-            return np.ones(t, dtype=bool), y.reshape(t, k)[:, 0]
 
+        sel = np.nonzero(low_p)  # the merged bins below κ_x, by π over their words
+        if len(sel[0]):
+            end = terms["low_end"][w[sel[0]]]
+            if self.uniform_bins:
+                pos = rng.integers(0, end)
+            else:
+                target = u_pick[sel] * self.prefix_cum[end - 1]
+                pos = np.minimum(np.searchsorted(self.prefix_cum, target, side="right"), end - 1)
+            y[sel] = self.perm[pos]
+
+        rest = ~table_p & ~low_p
+        sel = np.nonzero(rest)
+        col = np.zeros((t, k), dtype=np.int64)
+        if len(sel[0]):
+            col[sel] = search_rows(parts, w[sel[0]], u_part[sel])
         last = parts.shape[1] - 1
-        sel = np.flatnonzero((col > 0) & (col < last))  # a bin of the envelope
-        if len(sel):
-            b = col[sel] - 1
+        sel = np.nonzero(rest & (col < last))  # one bin above κ_x
+        if len(sel[0]):
+            b = col[sel] - 2
             start, size = self.bin_start[b], self.bin_size[b]
             if self.uniform_bins:
                 j = rng.integers(0, size)
@@ -275,41 +327,41 @@ class EnvelopeSampler:
                 j = _search_segments(self.local_cum, start, size, u_pick[sel], self._local_steps)
             y[sel] = self.perm[start + j]
 
-        sel = np.flatnonzero(col == last)  # reverse neighbours beyond the table, uniformly
-        if len(sel):
-            r = ww[sel]
+        rev = rest & (col == last)
+        sel = np.nonzero(rev)  # reverse neighbours beyond the table, uniformly
+        if len(sel[0]):
+            r = w[sel[0]]
             j = rng.integers(0, terms["rev_size"][r])
             y[sel] = self.rev_members[terms["rev_start"][r] + j]
 
-        env = np.flatnonzero(col > 0)
-        if len(env):
-            # Distances for every proposal in a (t, k, m) block: x's row is gathered once per
-            # token, not once per proposal (the table-part proposals' distances are unused).
-            diff = np.subtract(self.vectors[y.reshape(t, k)], self.vectors[x][:, None, :],
-                               dtype=np.float64)
-            dist = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff)).reshape(-1)[env]
-            xe, ye = xx[env], y[env]
-            # Membership in T_x or E_x only needs checking when d is within the table radii.
-            near = np.flatnonzero(dist <= np.maximum(self.d_k[xe], self.d_k[ye]) * (1.0 + _REL))
-            in_table = np.zeros(len(env), dtype=bool)
-            in_reverse = np.zeros(len(env), dtype=bool)
-            if len(near):
-                in_table[near] = (self.table[xe[near]] == ye[near, None]).any(axis=1)
-                in_reverse[near] = (self.table[ye[near]] == xe[near, None]).any(axis=1) & ~in_table[near]
-            lp = self.log_prior[ye]
-            kx = self.kappa[xe]
-            log_w = lp - s * np.minimum(dist, c)
-            log_b = lp - s * np.minimum(np.maximum(kx, self.bin_kappa[self.bin_of[ye]]), c)
-            if in_reverse.any():
-                log_b = np.where(in_reverse, np.logaddexp(log_b, -s * np.minimum(kx, c)), log_b)
+        # Distances for every proposal in a (t, k, m) block: x's row is gathered once per token
+        # (the table-part proposals' distances are computed but unused).
+        diff = np.subtract(self.vectors[y], self.vectors[x][:, None, :], dtype=np.float64)
+        dist = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
+        kx = terms["kappa"][w][:, None]
+        # Bound b(y) = π(y)·exp(−s·min(max(κ_x, κ_B), c)) with B the bin holding y (the prior
+        # cancels in w/b); it is the same function of (x, y) whichever part proposed y.
+        excess = s * (np.minimum(dist, c) - np.minimum(np.maximum(kx, self.bin_kappa[self.bin_of[y]]), c))
+        accept = table_p | (~table_p & (expo > excess))
+        # Membership in T_x or E_x only needs checking when d is within the table radii.
+        near = np.nonzero(~table_p & (dist <= np.maximum(terms["d_k"][w][:, None], self.d_k[y]) * (1.0 + _REL)))
+        if len(near[0]):
+            xn, yn = x[near[0]], y[near]
+            in_table = (self.table[xn] == yn[:, None]).any(axis=1)
+            in_reverse = (self.table[yn] == xn[:, None]).any(axis=1) & ~in_table
+            # g(y) = b(y) + e_x for y ∈ E_x: log g − log w = log(1 + e_x/b(y)) + excess.
+            lb = -s * np.minimum(np.maximum(kx[near[0], 0], self.bin_kappa[self.bin_of[yn]]), c)
+            lw = self.log_prior[yn] - s * np.minimum(dist[near], c)
             with np.errstate(invalid="ignore"):  # −inf − (−inf) for an out-of-range y: rejected
-                ratio = np.minimum(log_w - log_b, 0.0)
-            accept[env] = ~in_table & np.isfinite(lp) & (np.log(u_accept[env]) < ratio)
-
-        accept = accept.reshape(t, k)
+                gap = np.logaddexp(self.log_prior[yn] + lb, -s * np.minimum(kx[near[0], 0], c)) - lw
+            accept[near] = ~in_table & np.where(in_reverse, expo[near] > gap, accept[near])
+        # A reverse-neighbour proposal may lie outside the candidate range: never accepted.
+        sel = np.nonzero(rev)
+        if len(sel[0]):
+            accept[sel] &= np.isfinite(self.log_prior[y[sel]])
         got = accept.any(axis=1)
         first = accept.argmax(axis=1)
-        return got, y.reshape(t, k)[np.arange(t), first]
+        return got, y[np.arange(t), first]
 
 
 def search_rows(table: np.ndarray, rows: np.ndarray, u: np.ndarray) -> np.ndarray:

@@ -42,7 +42,13 @@ import math
 import numpy as np
 
 from privtext.index import EmbeddingIndex
-from privtext.mechanisms.envelope import DEFAULT_MAX_TRIES, EnvelopeSampler
+from privtext.mechanisms.envelope import (
+    DEFAULT_EXTENDED_WIDTH,
+    DEFAULT_EXTENDED_WORDS,
+    DEFAULT_MAX_TRIES,
+    EnvelopeSampler,
+    first_above,
+)
 from privtext.mechanisms.sampling import open_uniform
 
 BLOCK = 256
@@ -115,26 +121,14 @@ def search_rows(table: np.ndarray, rows: np.ndarray, targets: np.ndarray) -> np.
     return np.minimum(lo, width - 1)
 
 
-def first_above(flat: np.ndarray, base: np.ndarray, width: int, targets: np.ndarray) -> np.ndarray:
-    """For each i, the number of entries of the non-decreasing run flat[base[i] : base[i] + width]
-    that are ≤ targets[i] (so `width` when none exceeds it): a binary search vectorised over i."""
-    lo = np.zeros(len(base), dtype=np.int64)
-    hi = np.full(len(base), width, dtype=np.int64)
-    for _ in range(max(1, math.ceil(math.log2(width + 1)))):
-        mid = (lo + hi) >> 1
-        right = (flat[base + np.minimum(mid, width - 1)] <= targets) & (lo < hi)
-        lo = np.where(right, mid + 1, lo)
-        hi = np.where(right, hi, mid)
-    return lo
-
-
 class FullVocabularySampler:
     """Draws y ∈ [lo, hi) with P[y | x] ∝ exp(log_prior(y) − scale · min(d(x, y), clamp))."""
 
     def __init__(self, index: EmbeddingIndex, scale: float, *, lo: int = 0, hi: int | None = None,
                  log_prior: np.ndarray | None = None, clamp: float | None = None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, method: str = "envelope",
-                 max_tries: int = DEFAULT_MAX_TRIES, scan_from_count: int = SCAN_FROM_COUNT):
+                 max_tries: int = DEFAULT_MAX_TRIES, scan_from_count: int = SCAN_FROM_COUNT,
+                 extended_words: int = DEFAULT_EXTENDED_WORDS, extended_width: int = DEFAULT_EXTENDED_WIDTH):
         self.index = index
         self.scale = float(scale)
         self.lo = int(lo)
@@ -169,7 +163,8 @@ class FullVocabularySampler:
         self.method = method
         self.scan_from_count = scan_from_count
         self.envelope = EnvelopeSampler(index, self.scale, lo=self.lo, hi=self.hi, log_prior=log_prior,
-                                        clamp=clamp, max_tries=max_tries)
+                                        clamp=clamp, max_tries=max_tries, extended_words=extended_words,
+                                        extended_width=extended_width)
         self.fallbacks = 0  # tokens that exhausted max_tries in this process (diagnostic count)
 
     def prepare(self) -> None:

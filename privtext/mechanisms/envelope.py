@@ -209,6 +209,11 @@ class EnvelopeSampler:
             lp[self.lo : self.hi] = inside - inside.max()
         self.log_prior = lp
         self.whole_table = index.neighbors >= n
+        # Whether log π is 0 on the whole vocabulary (plain santext, tem): no prior to gather.
+        self.flat_prior = bool((lp == 0.0).all())
+        self._ext_cum: np.ndarray | None = None
+        self._ext_total: np.ndarray | None = None
+        self._ext_have: np.ndarray | None = None
         self.ext_words, self.ext_width = (0, 0) if self.whole_table else extended_shape(
             index, extended_words, extended_width)
         self._ready = False
@@ -291,22 +296,17 @@ class EnvelopeSampler:
         max(ρ_x, κ_x), valid as N_x ⊇ T_x)."""
         s, c = self.scale, self.clamp
         if extended:
-            rows = np.asarray(self.ext_ids[words], dtype=np.int64)
-            ext = np.asarray(self.ext_dist[words])
-            width = self.ext_width
-            list_dist, radius, reach = ext[:, :width], np.maximum(ext[:, width], self.kappa[words]), ext[:, width + 1]
+            ext_tail = np.asarray(self.ext_dist[words, self.ext_width :])
+            radius, reach = np.maximum(ext_tail[:, 0], self.kappa[words]), ext_tail[:, 1]
+            rows, cum, a_table = self._extended_weights(words)
+            list_row = words
         else:
             rows = np.asarray(self.table[words], dtype=np.int64)
-            list_dist = np.asarray(self.table_dist[words])
             radius, reach = self.kappa[words], self.d_k[words]
-        lw = self.log_prior[rows] - s * np.minimum(list_dist, c)
-        top = lw.max(axis=1)
-        finite = np.isfinite(top)
-        shift = np.where(finite, top, 0.0)
-        cum = np.cumsum(np.exp(lw - shift[:, None]), axis=1)
-        with np.errstate(divide="ignore"):
-            a_table = np.where(finite, shift + np.log(cum[:, -1]), -np.inf)
-        terms: dict[str, np.ndarray] = {"rows": rows, "cum": cum}
+            cum, a_table = self._list_weights(rows, np.asarray(self.table_dist[words]))
+            list_row = np.arange(len(words))
+        # rows[list_row[w]] and cum[list_row[w]] are the exact list of the word in row w.
+        terms: dict[str, np.ndarray] = {"rows": rows, "cum": cum, "list_row": list_row}
         if self.whole_table:
             terms["parts"] = np.ones((len(words), 1))
             return terms
@@ -336,6 +336,42 @@ class EnvelopeSampler:
         terms.update(parts=parts, rev_start=rev_start, rev_size=rev_size, kappa=kx, d_k=reach,
                      low_end=low_end, sorted=np.array(extended))
         return terms
+
+    def _list_weights(self, rows: np.ndarray, list_dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cumulative weights of exact lists (shifted by each row's maximum) and their log totals."""
+        s, c = self.scale, self.clamp
+        lw = -s * np.minimum(list_dist, c)
+        if not self.flat_prior:
+            lw += self.log_prior[rows]
+        top = lw.max(axis=1)
+        finite = np.isfinite(top)
+        shift = np.where(finite, top, 0.0)
+        lw -= shift[:, None]
+        np.exp(lw, out=lw)
+        cum = np.cumsum(lw, axis=1, out=lw)
+        with np.errstate(divide="ignore"):
+            a_table = np.where(finite, shift + np.log(cum[:, -1]), -np.inf)
+        return cum, a_table
+
+    def _extended_weights(self, words: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, cumulative weights, log totals) of the extended lists, indexed by word id. The
+        weights are deterministic, so they are kept for the process's later chunks (at most
+        W·M float64, only rows actually used become resident); the Generator never sees the
+        cache."""
+        if self._ext_cum is None:
+            self._ext_cum = np.zeros((self.ext_words, self.ext_width))
+            self._ext_total = np.zeros(self.ext_words)
+            self._ext_have = np.zeros(self.ext_words, dtype=bool)
+        assert self._ext_total is not None and self._ext_have is not None
+        missing = words[~self._ext_have[words]]
+        for a in range(0, len(missing), 256):  # batches keep the temporaries in cache
+            batch = missing[a : a + 256]
+            rows = np.asarray(self.ext_ids[batch], dtype=np.int64)
+            cum, total = self._list_weights(rows, np.asarray(self.ext_dist[batch, : self.ext_width]))
+            self._ext_cum[batch] = cum
+            self._ext_total[batch] = total
+            self._ext_have[batch] = True
+        return self.ext_ids, self._ext_cum, self._ext_total[words]
 
     # -- sampling ------------------------------------------------------------------------------------
 
@@ -472,6 +508,7 @@ class EnvelopeSampler:
         """Inverse CDF over the exact list of word rows r (its cumulative weights)."""
         cum = terms["cum"]
         width = cum.shape[1]
+        r = terms["list_row"][r]
         j = first_above(cum.reshape(-1), r * width, width, u * cum[r, -1])
         return terms["rows"][r, np.minimum(j, width - 1)]
 
@@ -479,6 +516,7 @@ class EnvelopeSampler:
     def _in_list(terms: dict[str, np.ndarray], r: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Whether y is in the exact list of word row r (sorted by id when extended)."""
         rows = terms["rows"]
+        r = terms["list_row"][r]
         if not terms["sorted"]:
             return (rows[r] == y[:, None]).any(axis=1)
         width = rows.shape[1]

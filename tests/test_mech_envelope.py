@@ -227,3 +227,18 @@ def test_mechanisms_use_the_envelope_on_the_real_embedding(glove_small) -> None:
     wrong.sampler.cache_words, wrong.sampler.scan_from_count = 0, 1 << 62
     assert chi_square_pvalue(wrong.perturb_ids(ids, np.random.default_rng(11)), expected,
                              min_expected=20.0) < 1e-6
+
+
+def test_guided_search_is_searchsorted() -> None:
+    """The guide table only gives a starting point: the result is np.searchsorted's, including
+    at repeated values (zero-weight words), at exact entries and at the last one."""
+    from privtext.mechanisms.envelope import _guided_search
+
+    rng = np.random.default_rng(0)
+    for n in (1, 5, 1000, 100_000):
+        cum = np.cumsum(rng.random(n) * (rng.random(n) < 0.7)) + 1e-3
+        guide = np.searchsorted(cum, np.arange(1 << 10) * (cum[-1] / (1 << 10)), side="right")
+        target = np.concatenate([rng.random(50_000) * cum[-1], cum[rng.integers(0, n, 1000)],
+                                 [0.0, cum[-1] * (1 - 2**-53)]])
+        np.testing.assert_array_equal(_guided_search(cum, guide, target),
+                                      np.searchsorted(cum, target, side="right"))

@@ -62,7 +62,7 @@ EXTENDED_DIST_ARTIFACT = "extended-neighbours-dist"
 # than the table's K-th distance (measured on GloVe-50d at ε = 3: about 7 proposals per token
 # instead of 19 for ranks up to 8192).
 DEFAULT_EXTENDED_WORDS = 8192
-DEFAULT_EXTENDED_WIDTH = 1024
+DEFAULT_EXTENDED_WIDTH = 2048
 _BUILD_BATCH = 64
 DEFAULT_MAX_TRIES = 4096
 DEFAULT_ROUND_TRIES = 4
@@ -74,6 +74,7 @@ _BUSY_ROUND = 4096  # while more tokens than this are pending, rounds keep round
 # Merging the bins below κ_x into one part needs Π over them as one float64 cumulative sum,
 # exact only while π's range leaves every word far above underflow.
 _MERGE_PRIOR_RANGE = 600.0
+_GUIDE = 1 << 17
 _QUANTILE_BINS = 32
 _BIN_WIDTH = 0.2
 # Relative margin between distances computed by different float64 formulas (about 1e-14 apart).
@@ -279,6 +280,10 @@ class EnvelopeSampler:
         self.low_log_prior = np.logaddexp.accumulate(self.bin_log_prior)
         if self.merge_low and not self.uniform_bins:
             self.prefix_cum = np.cumsum(np.exp(lp))
+            # guide[g]: how many entries are ≤ g/G of the total, a starting point for the
+            # inverse CDF that is then corrected by exact comparisons (a few steps at most).
+            grid = np.arange(_GUIDE) * (self.prefix_cum[-1] / _GUIDE)
+            self.guide = np.searchsorted(self.prefix_cum, grid, side="right")
 
     def prepare(self) -> None:
         if not self.whole_table:
@@ -448,7 +453,7 @@ class EnvelopeSampler:
                 pos = rng.integers(0, end)
             else:
                 target = u_pick[sel] * self.prefix_cum[end - 1]
-                pos = np.minimum(np.searchsorted(self.prefix_cum, target, side="right"), end - 1)
+                pos = np.minimum(_guided_search(self.prefix_cum, self.guide, target), end - 1)
             y[sel] = self.perm[pos]
 
         rest = ~table_p & ~low_p
@@ -535,6 +540,24 @@ def first_above(flat: np.ndarray, base: np.ndarray, width: int, targets: np.ndar
         lo = np.where(right, mid + 1, lo)
         hi = np.where(right, hi, mid)
     return lo
+
+
+def _guided_search(cum: np.ndarray, guide: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The number of entries of the non-decreasing `cum` that are ≤ target (np.searchsorted,
+    side right), started from the guide table and settled by exact comparisons: the guide is only
+    a hint, so its own rounding cannot change the answer."""
+    g = np.minimum((target * (len(guide) / cum[-1])).astype(np.int64), len(guide) - 1)
+    pos = guide[np.maximum(g, 0)]
+    last = len(cum) - 1
+    back = np.flatnonzero((pos > 0) & (cum[np.maximum(pos - 1, 0)] > target))
+    while len(back):  # the hint overshot: step back while the previous entry is still > target
+        pos[back] -= 1
+        back = back[(pos[back] > 0) & (cum[np.maximum(pos[back] - 1, 0)] > target[back])]
+    ahead = np.flatnonzero((pos <= last) & (cum[np.minimum(pos, last)] <= target))
+    while len(ahead):  # step forward while the entry is still ≤ target
+        pos[ahead] += 1
+        ahead = ahead[(pos[ahead] <= last) & (cum[np.minimum(pos[ahead], last)] <= target[ahead])]
+    return pos
 
 
 def search_rows(table: np.ndarray, rows: np.ndarray, u: np.ndarray) -> np.ndarray:

@@ -242,3 +242,24 @@ def test_guided_search_is_searchsorted() -> None:
                                  [0.0, cum[-1] * (1 - 2**-53)]])
         np.testing.assert_array_equal(_guided_search(cum, guide, target),
                                       np.searchsorted(cum, target, side="right"))
+
+
+def test_extended_lists_on_the_real_embedding(glove_small) -> None:  # type: ignore[no-untyped-def]
+    """santext-like draws (ε = 1) of a frequent word with extended lists of 200 words on real
+    vectors: most outputs come from beyond the list, the frequencies follow the exact
+    distribution, and a 30% wrong ε is rejected."""
+    x = 5
+
+    def sampler(scale: float) -> FullVocabularySampler:
+        return FullVocabularySampler(glove_small, scale, cache_bytes=0, scan_from_count=1 << 62,
+                                     extended_words=100, extended_width=200)
+
+    right = sampler(0.5)
+    expected = right.probabilities(x)
+    ids = np.full(40_000, x)
+    out = right.sample(ids, np.random.default_rng(12))
+    assert right.envelope.ext_words == 100
+    assert (~np.isin(out, np.asarray(right.envelope.ext_ids[x]))).mean() > 0.3
+    assert chi_square_pvalue(out, expected, min_expected=20.0) > 1e-3
+    wrong = sampler(0.65).sample(ids, np.random.default_rng(12))
+    assert chi_square_pvalue(wrong, expected, min_expected=20.0) < 1e-6

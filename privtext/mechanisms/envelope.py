@@ -23,7 +23,7 @@ Why every word outside N_x is covered by a bound that needs no scan:
 * So for y outside N_x and outside R_x = {y : x ∈ T_y} (x's reverse neighbours),
   d(x, y) ≥ L(x, y) = max(r_x, κ_y), and as the weight is non-increasing in the distance,
   w(y) ≤ b(y) = π(y)·exp(−s·min(L(x, y), c)).
-* For y ∈ E_x = R_x \ T_x ⊇ R_x \ N_x only the first bound holds: w(y) ≤ e_x = exp(−s·min(r_x, c))
+* For y ∈ E_x = R_x \\ T_x ⊇ R_x \\ N_x only the first bound holds: w(y) ≤ e_x = exp(−s·min(r_x, c))
   (π is normalised to max 1).
 
 The proposal is the mixture with unnormalised mass

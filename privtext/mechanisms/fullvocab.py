@@ -26,9 +26,10 @@ For an input word x the candidates are the ids y in [lo, hi) and
 4. The output is the first y with cumulative weight C(y) > U · C(total): the inverse CDF of the
    categorical distribution, so P[output = y] = w_x(y) / Σ w_x exactly (up to float64 rounding,
    about 1e-16 of the total per word, the same order as Gumbel-max in float64). The cumulative
-   sum is taken in two levels — block totals of 256 words, then a cumulative sum inside the one
-   block that holds the target — which is the same inverse CDF with a different summation order,
-   and avoids a sequential cumulative sum over every row.
+   sum is taken in two levels — cumulative sums restarted at every block of 256 words, stored in
+   place of the weights once per row, and the running total of the block sums — so a draw is a
+   binary search over the block totals, then one inside the block: the same inverse CDF with a
+   different summation order, without a sequential sum over the row or a per-token block sum.
 
 The scan is also what `probabilities()` returns (the exact distribution, for tests and audits).
 Nothing here loops over tokens in Python and nothing is n × n: the scan's memory is one (64, n)

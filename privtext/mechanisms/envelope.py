@@ -140,8 +140,12 @@ def tail_radius(index: EmbeddingIndex) -> np.ndarray:
     return np.sqrt(np.maximum(d_k * d_k - slack, 0.0)) * (1.0 - _REL)
 
 
-def extended_shape(index: EmbeddingIndex, words: int, width: int) -> tuple[int, int]:
-    """(W, M) actually used: no extended lists unless M lies strictly between K and n."""
+def extended_shape(index: EmbeddingIndex, words: int, width: int | None) -> tuple[int, int]:
+    """(W, M) actually used: no extended lists unless M lies strictly between K and n. The
+    default M is at most n/16, so that a small vocabulary (whose scan is cheap anyway) does not
+    get an artifact out of proportion to its index."""
+    if width is None:
+        width = min(DEFAULT_EXTENDED_WIDTH, index.n // 16)
     words, width = min(int(words), index.n), int(width)
     if words <= 0 or not index.neighbors < width < index.n:
         return 0, 0
@@ -219,7 +223,7 @@ class EnvelopeSampler:
     def __init__(self, index: EmbeddingIndex, scale: float, *, lo: int, hi: int,
                  log_prior: np.ndarray | None, clamp: float | None,
                  max_tries: int = DEFAULT_MAX_TRIES, round_tries: int = DEFAULT_ROUND_TRIES,
-                 extended_words: int = DEFAULT_EXTENDED_WORDS, extended_width: int = DEFAULT_EXTENDED_WIDTH):
+                 extended_words: int = DEFAULT_EXTENDED_WORDS, extended_width: int | None = None):
         self.index = index
         self.scale = float(scale)
         self.lo, self.hi = int(lo), int(hi)

@@ -44,7 +44,6 @@ import numpy as np
 
 from privtext.index import EmbeddingIndex
 from privtext.mechanisms.envelope import (
-    DEFAULT_EXTENDED_WIDTH,
     DEFAULT_EXTENDED_WORDS,
     DEFAULT_MAX_TRIES,
     EnvelopeSampler,
@@ -129,7 +128,7 @@ class FullVocabularySampler:
                  log_prior: np.ndarray | None = None, clamp: float | None = None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, method: str = "envelope",
                  max_tries: int = DEFAULT_MAX_TRIES, scan_from_count: int = SCAN_FROM_COUNT,
-                 extended_words: int = DEFAULT_EXTENDED_WORDS, extended_width: int = DEFAULT_EXTENDED_WIDTH):
+                 extended_words: int = DEFAULT_EXTENDED_WORDS, extended_width: int | None = None):
         self.index = index
         self.scale = float(scale)
         self.lo = int(lo)

@@ -2,6 +2,7 @@
 
     python bench/samplers.py                               # every case, mechanism alone + end to end
     python bench/samplers.py --only santext laplace-hnsw --skip-e2e
+    python bench/samplers.py --in-process --chunks 4 --repeat 3   # one core, words per CPU-second
 
 For each case it prints words/s of
 
@@ -14,6 +15,12 @@ Cases: the exact envelope sampler (santext, density exact, tem with a wide thres
 comparison, the same mechanisms with the former exact scan (`method=scan`, mechanism call only);
 laplace, mahalanobis, vickrey at ε = 10 with certified exact search and with `search=hnsw`.
 The HNSW graph and the density prior are built first (excluded; their time is printed).
+
+`--in-process` measures instead, in this process on one thread, words per CPU-second
+(time.process_time) of santext / density / tem `perturb_ids` on the first `--chunks` real
+20 Newsgroups chunks (after one warm-up pass over them, so the per-process row cache is as warm as
+in a long run), best and median of `--repeat` passes, and the envelope's proposals per token: a
+figure that the machine's load disturbs much less than wall-clock words/s.
 The development machine is a shared 2-core box: figures are only comparable within one run.
 """
 
@@ -100,6 +107,45 @@ def end_to_end(name: str, epsilon: float, params: dict[str, Any], words: int, wo
     return seconds, int(data["counts"]["word_tokens"]), recall
 
 
+IN_PROCESS_CASES = [("santext", "santext", 3.0), ("density", "density", 3.0), ("tem-wide", "tem", 2.0)]
+
+
+def in_process(index: Any, chunks: int, repeat: int, only: list[str] | None) -> None:
+    import numpy as np
+
+    from privtext.mechanisms import create
+    from privtext.randomness import chunk_rng
+
+    ids, bounds, corpus = harness.corpus_ids(index)
+    chunks = min(chunks, len(bounds) - 1)
+    parts = [np.asarray(ids[bounds[c] : bounds[c + 1]]) for c in range(chunks)]
+    words = sum(len(p) for p in parts)
+    print(f"corpus: {corpus}; {chunks} chunks of {harness.DOCS_PER_CHUNK} documents, {words:,} tokens")
+    header = (f"{'case':<10}{'eps':>5}{'best words/CPU-s':>18}{'median':>11}{'envelope tokens':>17}"
+              f"{'proposals/token':>17}{'fallbacks':>11}")
+    print(header)
+    print("-" * len(header))
+    for label, name, epsilon in IN_PROCESS_CASES:
+        if only and label not in only:
+            continue
+        mech = create(name, index, epsilon, {})
+        mech.prepare()
+        sampler = mech.wide if name == "tem" else mech.sampler  # type: ignore[attr-defined]
+        env = sampler.envelope
+        for c, part in enumerate(parts):  # warm-up: lazily mapped files, the row cache
+            mech.perturb_ids(part, chunk_rng(1, 0, c))
+        rates = []
+        for _ in range(repeat):
+            env.proposals = env.tokens = 0  # diagnostic counters (absent before this change)
+            start = time.process_time()
+            for c, part in enumerate(parts):
+                mech.perturb_ids(part, chunk_rng(12345, 0, c))
+            rates.append(words / (time.process_time() - start))
+        per_token = env.proposals / env.tokens if getattr(env, "tokens", 0) else float("nan")
+        print(f"{label:<10}{epsilon:>5g}{max(rates):>18,.0f}{float(np.median(rates)):>11,.0f}"
+              f"{env.tokens:>17,}{per_token:>17.2f}{sampler.fallbacks:>11}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", help="labels: " + ", ".join(c[0] for c in CASES))
@@ -108,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-e2e", action="store_true", help="mechanism call only")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every token budget (e.g. 0.3 on a busy machine)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="one core in this process: words per CPU-second of santext, density "
+                             "and tem perturb_ids, with proposals per token")
+    parser.add_argument("--chunks", type=int, default=4, help="--in-process: 20NG chunks per pass")
+    parser.add_argument("--repeat", type=int, default=3, help="--in-process: timed passes")
     args = parser.parse_args(argv)
     os.environ.update(harness.SINGLE_THREAD_ENV)
 
@@ -116,6 +167,24 @@ def main(argv: list[str] | None = None) -> int:
     from privtext.mechanisms import create
 
     index = ensure_index(IndexSpec(EmbeddingSource(), args.vocab, 64)).index
+    if args.in_process:
+        import privtext
+
+        print(f"privtext imported from {Path(privtext.__file__).parent}")
+        threadpool_limits = None
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            pass
+        print(f"index: {index.path} (n = {index.n}, K = {index.neighbors}); one process, one thread; "
+              f"load average at start {', '.join(f'{a:.1f}' for a in os.getloadavg())} on {os.cpu_count()} cpus")
+        if threadpool_limits is not None:
+            with threadpool_limits(1):
+                in_process(index, args.chunks, args.repeat, args.only)
+        else:
+            in_process(index, args.chunks, args.repeat, args.only)
+        print(f"load average at end {', '.join(f'{a:.1f}' for a in os.getloadavg())}")
+        return 0
     print(f"index: {index.path} (n = {index.n}, K = {index.neighbors}); workers: {args.workers}; "
           f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
     header = (f"{'case':<18}{'eps':>5}  {'mechanism call words/s':>23}{'end to end words/s':>20}"

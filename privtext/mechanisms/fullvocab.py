@@ -26,9 +26,10 @@ For an input word x the candidates are the ids y in [lo, hi) and
 4. The output is the first y with cumulative weight C(y) > U · C(total): the inverse CDF of the
    categorical distribution, so P[output = y] = w_x(y) / Σ w_x exactly (up to float64 rounding,
    about 1e-16 of the total per word, the same order as Gumbel-max in float64). The cumulative
-   sum is taken in two levels — block totals of 256 words, then a cumulative sum inside the one
-   block that holds the target — which is the same inverse CDF with a different summation order,
-   and avoids a sequential cumulative sum over every row.
+   sum is taken in two levels — cumulative sums restarted at every block of 256 words, stored in
+   place of the weights once per row, and the running total of the block sums — so a draw is a
+   binary search over the block totals, then one inside the block: the same inverse CDF with a
+   different summation order, without a sequential sum over the row or a per-token block sum.
 
 The scan is also what `probabilities()` returns (the exact distribution, for tests and audits).
 Nothing here loops over tokens in Python and nothing is n × n: the scan's memory is one (64, n)
@@ -42,7 +43,12 @@ import math
 import numpy as np
 
 from privtext.index import EmbeddingIndex
-from privtext.mechanisms.envelope import DEFAULT_MAX_TRIES, EnvelopeSampler
+from privtext.mechanisms.envelope import (
+    DEFAULT_EXTENDED_WORDS,
+    DEFAULT_MAX_TRIES,
+    EnvelopeSampler,
+    first_above,
+)
 from privtext.mechanisms.sampling import open_uniform
 
 BLOCK = 256
@@ -121,7 +127,8 @@ class FullVocabularySampler:
     def __init__(self, index: EmbeddingIndex, scale: float, *, lo: int = 0, hi: int | None = None,
                  log_prior: np.ndarray | None = None, clamp: float | None = None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, method: str = "envelope",
-                 max_tries: int = DEFAULT_MAX_TRIES, scan_from_count: int = SCAN_FROM_COUNT):
+                 max_tries: int = DEFAULT_MAX_TRIES, scan_from_count: int = SCAN_FROM_COUNT,
+                 extended_words: int = DEFAULT_EXTENDED_WORDS, extended_width: int | None = None):
         self.index = index
         self.scale = float(scale)
         self.lo = int(lo)
@@ -156,7 +163,8 @@ class FullVocabularySampler:
         self.method = method
         self.scan_from_count = scan_from_count
         self.envelope = EnvelopeSampler(index, self.scale, lo=self.lo, hi=self.hi, log_prior=log_prior,
-                                        clamp=clamp, max_tries=max_tries)
+                                        clamp=clamp, max_tries=max_tries, extended_words=extended_words,
+                                        extended_width=extended_width)
         self.fallbacks = 0  # tokens that exhausted max_tries in this process (diagnostic count)
 
     def prepare(self) -> None:
@@ -172,9 +180,8 @@ class FullVocabularySampler:
 
     # -- the distribution -----------------------------------------------------------------------
 
-    def _fill_weights(self, words: np.ndarray, weights: np.ndarray, cdf: np.ndarray) -> None:
-        """Unnormalised weights of each word's row into weights[:len(words)] (padding columns
-        stay 0) and the cumulative block totals into cdf[:len(words)]."""
+    def _fill_weights(self, words: np.ndarray, weights: np.ndarray) -> None:
+        """Unnormalised weights of each word's row into weights[:len(words), :width]."""
         b = len(words)
         row = weights[:b, : self.width]
         # scale² goes into the matrix product, so sqrt yields scale·d directly (one pass fewer).
@@ -191,32 +198,40 @@ class FullVocabularySampler:
         # else every row holds its own word at distance exactly 0, so its maximum is at least
         # −(range of the prior) and at most 0: no per-row shift needed.
         np.exp(row, out=row)
-        np.cumsum(weights[:b].reshape(b, self.blocks, BLOCK).sum(axis=2), axis=1, out=cdf[:b])
+
+    def _fill_cumulative(self, words: np.ndarray, weights: np.ndarray, cdf: np.ndarray) -> None:
+        """Each word's row as cumulative sums restarted at every block of BLOCK words into
+        weights[:len(words)], and the cumulative block totals into cdf[:len(words)]. Stored
+        once per row, so a draw is two binary searches instead of a sum over a block per token;
+        the block total is the in-block sum's last entry, so both levels agree exactly."""
+        b = len(words)
+        self._fill_weights(words, weights)
+        weights[:b, self.width :] = 0.0  # padding: the buffer may hold an earlier row's sums
+        blocks = weights[:b].reshape(b, self.blocks, BLOCK)
+        np.cumsum(blocks, axis=2, out=blocks)
+        np.cumsum(blocks[:, :, -1], axis=1, out=cdf[:b])
 
     def probabilities(self, word: int) -> np.ndarray:
         """The exact output distribution of `word` over [lo, hi) (normalised, float64)."""
         weights = np.zeros((1, self.padded))
-        cdf = np.empty((1, self.blocks))
-        self._fill_weights(np.array([word], dtype=np.int64), weights, cdf)
+        self._fill_weights(np.array([word], dtype=np.int64), weights)
         return weights[0, : self.width] / weights[0, : self.width].sum()
 
     # -- sampling -------------------------------------------------------------------------------
 
-    def _draw(self, weights: np.ndarray, cdf: np.ndarray, rows: np.ndarray, u: np.ndarray) -> np.ndarray:
-        """Inverse CDF for tokens whose weight rows are weights[rows]: candidate offsets."""
+    def _draw(self, cumulative: np.ndarray, cdf: np.ndarray, rows: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """Inverse CDF for tokens whose rows (in-block cumulative sums, see `_fill_cumulative`)
+        are cumulative[rows]: candidate offsets."""
         out = np.empty(len(rows), dtype=np.int64)
-        flat = weights.reshape(-1)
-        offsets = np.arange(BLOCK)
+        flat = cumulative.reshape(-1)
         for start in range(0, len(rows), _TOKEN_SLICE):
             r = rows[start : start + _TOKEN_SLICE]
             target = u[start : start + _TOKEN_SLICE] * cdf[r, -1]
             block = search_rows(cdf, r, target)
             before = np.where(block > 0, cdf[r, np.maximum(block - 1, 0)], 0.0)
             residual = target - before
-            segment = flat[(r * self.padded + block * BLOCK)[:, None] + offsets]
-            np.cumsum(segment, axis=1, out=segment)
-            pos = (segment <= residual[:, None]).sum(axis=1)
-            # Rounding between the block total and the in-block sum can push pos one past the
+            pos = first_above(flat, r * self.padded + block * BLOCK, BLOCK, residual)
+            # Rounding between the block totals and the target can push pos one past the
             # block's last word (probability ~1e-16); keep it on a real word.
             valid = np.minimum(BLOCK, self.width - block * BLOCK)
             out[start : start + _TOKEN_SLICE] = block * BLOCK + np.minimum(pos, valid - 1)
@@ -233,7 +248,7 @@ class FullVocabularySampler:
         for start in range(0, len(missing), _WORD_BATCH):
             batch = missing[start : start + _WORD_BATCH]
             weights, cdf = self._work_buffers()
-            self._fill_weights(batch, weights, cdf)
+            self._fill_cumulative(batch, weights, cdf)
             self._cache_weights[batch] = weights[: len(batch)]
             self._cache_cdf[batch] = cdf[: len(batch)]
             self._cached[batch] = True
@@ -292,7 +307,7 @@ class FullVocabularySampler:
             weights, cdf = self._work_buffers()
             for a in range(n_cached, len(words), _WORD_BATCH):
                 b = min(a + _WORD_BATCH, len(words))
-                self._fill_weights(words[a:b], weights, cdf)
+                self._fill_cumulative(words[a:b], weights, cdf)
                 tok = order[bounds[a] : bounds[b]]
                 out[tok] = self._draw(weights, cdf, inverse[tok] - a, u[tok])
         return out + self.lo

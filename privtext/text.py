@@ -246,14 +246,26 @@ class _Vocabulary:
         # Three spellings of every word, one after the other: as is, Title and UPPER (rows
         # _AS_IS, _TITLE, _UPPER_ALL), so re-casing a replacement is a table lookup, not Python
         # per word. A spelling may change length (ß → SS), hence per-spelling lengths.
-        spellings = [words, [apply_case(_TITLE, w) for w in words],
-                     "\n".join(words).upper().split("\n")]
-        self.text = "".join("".join(s) for s in spellings)
-        self.lengths = np.stack([np.fromiter(map(len, s), dtype=np.int64, count=len(words))
-                                 for s in spellings])
+        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        as_is = _utf32("".join(words))
+        uppers = "\n".join(words).upper().split("\n")  # per word: ß → SS changes a length
+        upper_lengths = np.fromiter(map(len, uppers), dtype=np.int64, count=len(words))
+        starts = (np.cumsum(lengths) - lengths)[lengths > 0]
+        firsts = codecs.utf_32_le_decode(as_is[starts], "surrogatepass", True)[0].upper()
+        if len(firsts) == len(starts):  # every first letter keeps its length: no Python per word
+            title = as_is.copy()
+            title[starts] = _utf32(firsts)
+            title_lengths = lengths
+        else:
+            titles = [apply_case(_TITLE, w) for w in words]
+            title = _utf32("".join(titles))
+            title_lengths = np.fromiter(map(len, titles), dtype=np.int64, count=len(words))
+        spellings = [as_is, title, _utf32("".join(uppers))]
+        self.lengths = np.stack([lengths, title_lengths, upper_lengths])
+        self.cps = np.concatenate(spellings)
         flat = self.lengths.ravel()
         self.offsets = (np.cumsum(flat) - flat).reshape(self.lengths.shape)
-        self.size = len(self.text)
+        self.size = len(self.cps)
         # One buffer per thread: a perturber shared by threads (an engine's executor, a library
         # user's thread pool) must not have two chunks written into the same scratch space.
         self._local = threading.local()
@@ -265,7 +277,7 @@ class _Vocabulary:
         if buffer is None or len(buffer) < needed:
             # Grown geometrically and kept, so steady state copies only the chunk and the pool.
             buffer = np.empty(max(needed, 2 * (0 if buffer is None else len(buffer))), dtype=np.uint32)
-            buffer[: self.size] = _utf32(self.text)
+            buffer[: self.size] = self.cps
             self._local.buffer = buffer
         buffer[self.size : self.size + len(chunk)] = chunk
         buffer[self.size + len(chunk) : needed] = pool

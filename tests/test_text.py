@@ -327,3 +327,18 @@ def test_long_documents_are_perturbed_in_pieces_without_cutting_words(glove_smal
     split, split_counts = perturber.perturb_documents(texts, np.random.default_rng(0), long_chars=500)
     assert split == whole  # at ε = 1e6 every word maps to itself: identical text either way
     assert _counts(split_counts) == _counts(whole_counts)  # one document each, same histogram
+
+
+@pytest.mark.parametrize("words", [
+    ["the", "Paris", "straße", "ǆemal", "éclair", "ﬁne", "x"],  # every first letter keeps its length
+    ["ßa", "ŉx", "straße", "the", "ﬁne"],  # first letters that grow when upper-cased
+])
+def test_vocabulary_spellings_match_apply_case(words: list[str]) -> None:
+    from privtext.text import _AS_IS, _TITLE, _UPPER_ALL, _Vocabulary, apply_case
+
+    vocab = _Vocabulary(words)
+    text = "".join(map(chr, vocab.cps.tolist()))
+    for pattern in (_AS_IS, _TITLE, _UPPER_ALL):
+        for i, word in enumerate(words):
+            start, length = vocab.offsets[pattern, i], vocab.lengths[pattern, i]
+            assert text[start : start + length] == apply_case(pattern, word)

@@ -43,6 +43,19 @@ def _embedding_options(f: Any, format_flags: tuple[str, ...] = ("--embeddings-fo
     return f
 
 
+def _likely_several_chunks(inputs: tuple[str, ...]) -> bool:
+    """Whether the run will want a worker pool: more than one input, a directory, a glob, or a
+    file larger than one chunk. Only a guess to start the pool early (stdin: no)."""
+    from privtext.settings import CHUNK_BYTES
+
+    if len(inputs) != 1:
+        return len(inputs) > 1
+    try:
+        return os.path.isdir(inputs[0]) or os.path.getsize(inputs[0]) > CHUNK_BYTES
+    except OSError:
+        return any(c in inputs[0] for c in "*?[")  # a glob of shards, or missing: said later
+
+
 def _open_index(embeddings: str, embeddings_format: str, vocab_size: int, neighbors: int,
                 cache_dir: Path | None, trust_pickle: bool, force: bool = False, quiet: bool = False,
                 announce: bool = True):  # type: ignore[no-untyped-def]
@@ -193,6 +206,12 @@ def perturb(ctx: click.Context, inputs: tuple[str, ...], output: str, fmt: str |
 
     INPUT may be a directory or a quoted glob of shards ('data/*.jsonl.gz'): then -o names a
     directory and each input shard gets an output shard with the same relative name."""
+    if engine == "local" and workers != 1 and _likely_several_chunks(inputs):
+        # The fork server imports numpy, FAISS and privtext (~0.2 s) on the other core while
+        # this process does its own imports and opens the index; the exact check comes later.
+        from privtext.run.executor import mp_context
+
+        mp_context()
     from privtext import report as report_mod
     from privtext.mechanisms import get
     from privtext.run.executor import mp_context, signals_as_interrupts

@@ -30,7 +30,6 @@ _EMPTY = -1
 _SPACE = 32
 _MIX_LO = np.uint64(0x9E3779B97F4A7C15)
 _MIX_HI = np.uint64(0xC2B2AE3D27D4EB4F)
-_SHIFT_32 = np.uint64(32)
 
 
 # _KEEP[n]: the 16-byte mask that keeps a word's first n bytes, as two little-endian uint64.
@@ -55,11 +54,12 @@ def _pack(cps: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.
 
 
 def _slot(lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
-    h = lo * _MIX_LO
-    h ^= hi * _MIX_HI
-    h ^= h >> _SHIFT_32
+    # Multiplicative (Fibonacci) hashing: the top bits of the product mix every input bit.
+    h = hi * _MIX_HI
+    h ^= lo
     h *= _MIX_LO
-    return (h >> np.uint64(64 - bits)).astype(np.int64)
+    h >>= np.uint64(64 - bits)
+    return h.view(np.int64)  # below 2**bits: the same value as a signed integer
 
 
 class PackedVocabulary:
@@ -126,15 +126,17 @@ class PackedVocabulary:
         slot = _slot(lo, hi, self.bits)
         mask = len(self.ids) - 1
         # The first probe, for every word at once: most words end here.
+        found = self.ids[slot]
         hit = (self.lo[slot] == lo) & (self.hi[slot] == hi)
-        out = np.where(hit, self.ids[slot], _EMPTY)
-        which = np.flatnonzero(~hit & packable & (self.ids[slot] != _EMPTY))
+        out = np.where(hit, found, _EMPTY)
+        which = np.flatnonzero(~hit & (found != _EMPTY) & packable)
         while which.size:  # an occupied slot with another key: probe on
             slot_on = (slot[which] + 1) & mask
             slot[which] = slot_on
+            found = self.ids[slot_on]
             hit = (self.lo[slot_on] == lo[which]) & (self.hi[slot_on] == hi[which])
-            out[which[hit]] = self.ids[slot_on[hit]]
-            which = which[~hit & (self.ids[slot_on] != _EMPTY)]
+            out[which[hit]] = found[hit]
+            which = which[~hit & (found != _EMPTY)]
         get = self.unpacked.get
         for i in np.flatnonzero(~packable).tolist():
             start = int(starts[i])

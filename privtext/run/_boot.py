@@ -1,7 +1,7 @@
 """Preloaded once by the fork server, so each worker forks with its heavy imports done.
 
 It runs in the fork server process, not in the user's process: the one-thread settings for BLAS
-and OpenMP are set here, before numpy and FAISS load (they read them once, at load time).
+and OpenMP are set here, before numpy (and later FAISS) load: they read them once, at load time.
 """
 
 import os
@@ -12,13 +12,9 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLI
 
 import numpy  # noqa: E402, F401
 
-try:
-    import faiss
-
-    faiss.omp_set_num_threads(1)
-except ImportError:  # pragma: no cover - faiss is a dependency; a broken install fails later
-    pass
-
+# FAISS is not preloaded: only the Laplace family searches, and importing it here (~30 ms) would
+# delay every run's first worker. A worker that needs it imports it with OMP_NUM_THREADS=1 above
+# already in its environment, which OpenMP reads when it loads.
 import privtext.index  # noqa: E402
 import privtext.mechanisms  # noqa: E402
 import privtext.run.chunks  # noqa: E402

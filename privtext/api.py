@@ -83,7 +83,9 @@ class _Core:
 
         created = create(mechanism, index, epsilon, params)
         created.prepare()
-        return cls(created, oov, mask_token)
+        core = cls(created, oov, mask_token)
+        core.perturber.prepare()
+        return core
 
 
 # One core per (index, spec) per process: an engine executor restores an Anonymizer for every

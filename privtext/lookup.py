@@ -62,13 +62,33 @@ def _slot(lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
     return h.view(np.int64)  # below 2**bits: the same value as a signed integer
 
 
+def unpacked_keys(keys: list[str], ids: np.ndarray, positions: np.ndarray) -> dict[str, int]:
+    """The dictionary of the keys at `positions`, the first of equal keys winning."""
+    table: dict[str, int] = {}
+    for i in positions.tolist():
+        table.setdefault(keys[i], int(ids[i]))
+    return table
+
+
 class PackedVocabulary:
     """`mapping.get(word, -1)` for a whole chunk of words at once (see the module docstring).
 
-    Built from (keys, ids) entries in priority order: a key given twice keeps its first id, as a
-    dictionary filled in the reverse order would. No dictionary of all keys is ever built."""
+    `table` holds the slots as three uint64 rows: the two packed halves and the id (−1 as
+    uint64: empty). `unpacked` maps the few keys that cannot be packed. Both come from `build`,
+    and the table is plain numbers, so it can be cached in a file and memory-mapped."""
 
-    def __init__(self, *entries: tuple[list[str], np.ndarray]):
+    def __init__(self, table: np.ndarray, unpacked: dict[str, int]):
+        self.table = table
+        self.lo, self.hi = table[0], table[1]
+        self.ids = table[2].view(np.int64)
+        self.bits = len(self.ids).bit_length() - 1
+        self.unpacked = unpacked
+
+    @classmethod
+    def build(cls, *entries: tuple[list[str], np.ndarray]) -> tuple[PackedVocabulary, np.ndarray]:
+        """The table of (keys, ids) entries in priority order: a key given twice keeps its first
+        id, as a dictionary filled in the reverse order would. No dictionary of all keys is
+        built. Also returns the positions (in the entries, concatenated) of the unpacked keys."""
         keys = [k for group, _ in entries for k in group]
         ids = np.concatenate([np.asarray(group_ids, dtype=np.int64) for _, group_ids in entries])
         joined = " ".join(keys) + " " * (PACKED_CHARS + 1)
@@ -85,38 +105,39 @@ class PackedVocabulary:
             packable &= odd[starts + lengths] == odd[starts]
         # Only a word that cannot be packed is asked of a dictionary, and it can only equal a
         # key that cannot be packed either: these few keys are all that is kept as strings.
-        self.unpacked: dict[str, int] = {}
-        for i in np.flatnonzero(~packable).tolist():
-            self.unpacked.setdefault(keys[i], int(ids[i]))
+        unpacked_at = np.flatnonzero(~packable)
         lo, hi, ids = lo[packable], hi[packable], ids[packable]
-        self.bits = max(4, int(len(ids) * 2 - 1).bit_length())  # load factor at most 1/2
-        size = 1 << self.bits
-        self.lo = np.zeros(size, dtype=np.uint64)  # (0, 0): an empty slot; no word packs to it
-        self.hi = np.zeros(size, dtype=np.uint64)
-        self.ids = np.full(size, _EMPTY, dtype=np.int64)
+        bits = max(4, int(len(ids) * 2 - 1).bit_length())  # load factor at most 1/2
+        size = 1 << bits
+        table = np.zeros((3, size), dtype=np.uint64)  # (0, 0): an empty slot; no word packs to it
+        table[2] = np.uint64(0xFFFF_FFFF_FFFF_FFFF)  # id −1
+        slot_lo, slot_hi, slot_ids = table[0], table[1], table[2].view(np.int64)
         # Insertion in rounds of linear probing: each round places, for every free slot wanted,
         # the earliest key that wants it; the others move one slot on. Two copies of a key
         # probe the same slots in lockstep, so the earlier one always sits first on the chain
         # and is the one a lookup finds.
-        slot = _slot(lo, hi, self.bits)
+        slot = _slot(lo, hi, bits)
         pending = np.arange(len(ids))
         while pending.size:
-            free = np.flatnonzero(self.ids[slot] == _EMPTY)
+            free = np.flatnonzero(slot_ids[slot] == _EMPTY)
             order = np.argsort(slot[free], kind="stable")
             wanted = slot[free][order]
             first = np.ones(wanted.size, dtype=np.bool_)
             np.not_equal(wanted[1:], wanted[:-1], out=first[1:])
             placed = free[order[first]]
-            self.lo[wanted[first]] = lo[pending[placed]]
-            self.hi[wanted[first]] = hi[pending[placed]]
-            self.ids[wanted[first]] = ids[pending[placed]]
+            slot_lo[wanted[first]] = lo[pending[placed]]
+            slot_hi[wanted[first]] = hi[pending[placed]]
+            slot_ids[wanted[first]] = ids[pending[placed]]
             keep = np.ones(pending.size, dtype=np.bool_)
             keep[placed] = False
             pending, slot = pending[keep], (slot[keep] + 1) & (size - 1)
+        all_ids = np.concatenate([np.asarray(group_ids, dtype=np.int64) for _, group_ids in entries])
+        return cls(table, unpacked_keys(keys, all_ids, unpacked_at)), unpacked_at
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, int]) -> PackedVocabulary:
-        return cls((list(mapping), np.fromiter(mapping.values(), dtype=np.int64, count=len(mapping))))
+        keys = list(mapping)
+        return cls.build((keys, np.fromiter(mapping.values(), dtype=np.int64, count=len(keys))))[0]
 
     def look_up(self, cps: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
                 text: str) -> np.ndarray:

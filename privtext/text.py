@@ -20,7 +20,7 @@ import codecs
 import re
 import threading
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from itertools import pairwise
@@ -30,7 +30,7 @@ import numpy as np
 
 from privtext.counters import Counters as ChunkCounters
 from privtext.embeddings import is_word_char, is_word_extender
-from privtext.lookup import PACKED_CHARS, PackedVocabulary
+from privtext.lookup import PACKED_CHARS, PackedVocabulary, unpacked_keys
 
 if TYPE_CHECKING:  # annotations only: importing text.py does not load the index or mechanisms
     from privtext.index import EmbeddingIndex
@@ -75,6 +75,8 @@ def restore_case(original: str, replacement: str) -> str:
 _WORD, _EXTEND, _SPACE, _BREAK, _UPPER, _LOWER_OR_TITLE = 1, 2, 4, 8, 16, 32
 _UNSET = 255
 _SPACE_CP = 32  # separates words in the lookup string; never inside a word
+# Bump when the spelling or lookup tables change meaning (their cached files are then rebuilt).
+_TABLES_FORMAT = 1
 _LOOKUP_PADDING = " " * PACKED_CHARS  # PackedVocabulary reads 16 code points from each start
 
 
@@ -242,10 +244,22 @@ class _Vocabulary:
     mask token from after it.
     """
 
-    def __init__(self, words: list[str]):
+    def __init__(self, cps: np.ndarray, lengths: np.ndarray):
         # Three spellings of every word, one after the other: as is, Title and UPPER (rows
         # _AS_IS, _TITLE, _UPPER_ALL), so re-casing a replacement is a table lookup, not Python
         # per word. A spelling may change length (ß → SS), hence per-spelling lengths.
+        self.cps = cps
+        self.lengths = lengths
+        flat = lengths.ravel()
+        self.offsets = (np.cumsum(flat) - flat).reshape(lengths.shape)
+        self.size = len(cps)
+        # One buffer per thread: a perturber shared by threads (an engine's executor, a library
+        # user's thread pool) must not have two chunks written into the same scratch space.
+        self._local = threading.local()
+
+    @staticmethod
+    def spell(words: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(code points of the three spellings, one after the other; their (3, n) lengths)."""
         lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
         as_is = _utf32("".join(words))
         uppers = "\n".join(words).upper().split("\n")  # per word: ß → SS changes a length
@@ -260,15 +274,8 @@ class _Vocabulary:
             titles = [apply_case(_TITLE, w) for w in words]
             title = _utf32("".join(titles))
             title_lengths = np.fromiter(map(len, titles), dtype=np.int64, count=len(words))
-        spellings = [as_is, title, _utf32("".join(uppers))]
-        self.lengths = np.stack([lengths, title_lengths, upper_lengths])
-        self.cps = np.concatenate(spellings)
-        flat = self.lengths.ravel()
-        self.offsets = (np.cumsum(flat) - flat).reshape(self.lengths.shape)
-        self.size = len(self.cps)
-        # One buffer per thread: a perturber shared by threads (an engine's executor, a library
-        # user's thread pool) must not have two chunks written into the same scratch space.
-        self._local = threading.local()
+        cps = np.concatenate([as_is, title, _utf32("".join(uppers))])
+        return cps, np.stack([lengths, title_lengths, upper_lengths])
 
     def with_chunk(self, chunk: np.ndarray, pool: np.ndarray) -> np.ndarray:
         """This thread's buffer holding the vocabulary, then `chunk` at `self.size`, then `pool`."""
@@ -323,7 +330,8 @@ class TextPerturber:
 
     def _vocabulary(self) -> _Vocabulary:
         if self._vocab is None:
-            self._vocab = _Vocabulary(self._index.words)
+            cps, lengths = self._derived("spellings", lambda: _Vocabulary.spell(self._index.words))
+            self._vocab = _Vocabulary(cps, lengths)
         return self._vocab
 
     def perturb_documents(self, texts: list[str], rng: np.random.Generator,
@@ -481,19 +489,58 @@ class TextPerturber:
             self._nfc_lookup = True
             self._packed_vocabulary = None  # rebuilt with the aliases on next use
 
+    def prepare(self) -> None:
+        """Build the cached lookup and spelling tables now (in the parent, before workers)."""
+        self._vocabulary()
+        self._packed()
+
+    def _derived(self, name: str,
+                 build: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """Two arrays computed from the vocabulary alone, cached with the index as derived files
+        and memory-mapped: a worker then starts without ~70 ms of building them."""
+        made: list[tuple[np.ndarray, np.ndarray]] = []
+
+        def part(i: int) -> Callable[[EmbeddingIndex], np.ndarray]:
+            def make(_index: EmbeddingIndex) -> np.ndarray:
+                if not made:
+                    made.append(build())
+                return made[0][i]
+            return make
+
+        params = {"format": _TABLES_FORMAT}
+        first = self._index.derived_artifact(f"text-{name}-0", params, part(0), uncached_if_read_only=True)
+        second = self._index.derived_artifact(f"text-{name}-1", params, part(1), uncached_if_read_only=True)
+        return first, second
+
     def _packed(self) -> PackedVocabulary:
         """The lookup table, built on first use from the words and aliases, in the priority of
         `index.word_to_id` (aliases over words; NFC spellings only where nothing else is spelled
         so). No str → id dictionary of the whole vocabulary is built (~13 MiB a worker)."""
         packed = self._packed_vocabulary
         if packed is None:
-            words = self._index.words
             aliases = self._index.aliases()
-            entries = [(list(aliases), np.fromiter(aliases.values(), dtype=np.int64, count=len(aliases))),
-                       (words, np.arange(len(words), dtype=np.int64))]
-            if self._nfc_lookup and not unicodedata.is_normalized("NFC", "\n".join([*aliases, *words])):
-                nfc = [(unicodedata.normalize("NFC", k), i) for keys, ids in entries
-                       for k, i in zip(keys, ids.tolist())]
-                entries.append(([k for k, _ in nfc], np.array([i for _, i in nfc], dtype=np.int64)))
-            packed = self._packed_vocabulary = PackedVocabulary(*entries)
+
+            def entries() -> list[tuple[list[str], np.ndarray]]:
+                words = self._index.words
+                found = [(list(aliases), np.fromiter(aliases.values(), dtype=np.int64, count=len(aliases))),
+                         (words, np.arange(len(words), dtype=np.int64))]
+                if self._nfc_lookup and not unicodedata.is_normalized("NFC", "\n".join([*aliases, *words])):
+                    nfc = [(unicodedata.normalize("NFC", k), i) for keys, ids in found
+                           for k, i in zip(keys, ids.tolist())]
+                    found.append(([k for k, _ in nfc], np.array([i for _, i in nfc], dtype=np.int64)))
+                return found
+
+            if self._nfc_lookup:  # only a non-NFC vocabulary differs here: built, never cached
+                packed = PackedVocabulary.build(*entries())[0]
+            else:
+                def build() -> tuple[np.ndarray, np.ndarray]:
+                    table, unpacked_at = PackedVocabulary.build(*entries())
+                    return table.table, unpacked_at
+
+                table, unpacked_at = self._derived("lookup", build)
+                keys = [*aliases, *self._index.words] if len(unpacked_at) else []
+                ids = np.concatenate([np.fromiter(aliases.values(), dtype=np.int64, count=len(aliases)),
+                                      np.arange(len(keys) - len(aliases), dtype=np.int64)])
+                packed = PackedVocabulary(table, unpacked_keys(keys, ids, unpacked_at))
+            self._packed_vocabulary = packed
         return packed

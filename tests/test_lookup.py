@@ -74,7 +74,7 @@ def test_a_key_given_twice_keeps_its_first_id() -> None:
     keys = ["alpha", "beta", "x" * 30]
     first = (keys * 50, np.arange(150) + 1000)
     second = (keys * 50, np.arange(150))
-    vocabulary = PackedVocabulary(first, second)
+    vocabulary = PackedVocabulary.build(first, second)[0]
     np.testing.assert_array_equal(_look_up_all(vocabulary, [*keys, "gamma"]), [1000, 1001, 1002, -1])
 
 

@@ -336,7 +336,7 @@ def test_long_documents_are_perturbed_in_pieces_without_cutting_words(glove_smal
 def test_vocabulary_spellings_match_apply_case(words: list[str]) -> None:
     from privtext.text import _AS_IS, _TITLE, _UPPER_ALL, _Vocabulary, apply_case
 
-    vocab = _Vocabulary(words)
+    vocab = _Vocabulary(*_Vocabulary.spell(words))
     text = "".join(map(chr, vocab.cps.tolist()))
     for pattern in (_AS_IS, _TITLE, _UPPER_ALL):
         for i, word in enumerate(words):

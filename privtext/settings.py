@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from privtext.errors import UsageError
-from privtext.text import DEFAULT_MASK_TOKEN, OovPolicy
 
 try:
     import tomllib
@@ -30,6 +29,15 @@ class OnError(str, Enum):
     FAIL = "fail"  # stop at the first unreadable record (default)
     SKIP = "skip"  # drop it from the output
     KEEP = "keep"  # copy it unchanged (unprotected: flagged in the report)
+
+
+DEFAULT_MASK_TOKEN = "[OOV]"
+
+
+class OovPolicy(str, Enum):
+    MASK = "mask"  # replace by a fixed placeholder (default)
+    DROP = "drop"  # remove the token
+    KEEP = "keep"  # pass it through unchanged: explicit opt-in, warned and flagged in the report
 
 
 class Format(str, Enum):

@@ -22,7 +22,6 @@ import threading
 import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from enum import Enum
 from itertools import pairwise
 from typing import TYPE_CHECKING
 
@@ -31,18 +30,12 @@ import numpy as np
 from privtext.counters import Counters as ChunkCounters
 from privtext.embeddings import is_word_char, is_word_extender
 from privtext.lookup import PACKED_CHARS, PackedVocabulary, unpacked_keys
+from privtext.settings import DEFAULT_MASK_TOKEN, OovPolicy
 
 if TYPE_CHECKING:  # annotations only: importing text.py does not load the index or mechanisms
     from privtext.index import EmbeddingIndex
     from privtext.mechanisms.base import Mechanism
 
-DEFAULT_MASK_TOKEN = "[OOV]"
-
-
-class OovPolicy(str, Enum):
-    MASK = "mask"  # replace by a fixed placeholder (default)
-    DROP = "drop"  # remove the token
-    KEEP = "keep"  # pass it through unchanged: explicit opt-in, warned and flagged in the report
 
 
 # Case patterns a replacement can take from the original word.

@@ -265,3 +265,20 @@ def test_the_fast_path_never_splices_the_wrong_occurrence(line: bytes, expected:
 def test_a_key_with_regex_characters() -> None:
     out = jsonl_codec.transform([b'{"c++": "x y", "z": 1}'], 1, ["c++"], "fail", upper)
     assert out.payload == b'{"c++": "X Y", "z": 1}'
+
+
+def test_json_string_encoding_is_the_standard_librarys_byte_for_byte() -> None:
+    import json.encoder
+    import random
+
+    from privtext.codecs.jsonl import _encode
+
+    rng = random.Random(7)
+    cases = ["plain", 'a "quote"', "back\\slash", "tab\t", "line\n", "\x7f", "\u2028", "é 日本",
+             "", "\x00", "\U0001F600", "a\u0301", "\ud800"]
+    for _ in range(5000):
+        cases.append("".join(chr(rng.choice([rng.randrange(0, 0x80), rng.randrange(0x80, 0xE000),
+                                             rng.randrange(0x10000, 0x10400)]))
+                             for _ in range(rng.randrange(0, 12))))
+    for text in cases:
+        assert _encode(text) == json.encoder.encode_basestring(text)  # type: ignore[attr-defined]

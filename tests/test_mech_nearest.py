@@ -152,6 +152,17 @@ def test_near_ties_beyond_float32_precision_are_decided_in_float64(glove_small, 
     assert nearest_mod.WIDE in widths  # the wider certified pass really was needed
 
 
+def _sphere_of_ties(index_factory):  # type: ignore[no-untyped-def]
+    """200 words on a sphere of radius 3 around the origin (and 100 far away), with points within
+    1e-9 of its centre: every sphere word is a near-tie. (index, float64 vectors, points)"""
+    rng = np.random.default_rng(2)
+    sphere = rng.normal(size=(200, 8))
+    sphere /= np.linalg.norm(sphere, axis=1, keepdims=True)
+    idx = index_factory(np.vstack([sphere * 3.0, rng.normal(size=(100, 8)) * 0.2 + 9.0]), neighbors=4)
+    centre = np.zeros((3, 8)) + rng.normal(size=(3, 8)) * 1e-9
+    return idx, np.asarray(idx.vectors, np.float64), centre
+
+
 def test_many_near_ties_fall_back_to_the_float64_scan(index_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The FAISS certificate (the fallback): a query equidistant (up to 1e-9) from more words than
     the wider pass returns: only the float64 scan can certify the answer."""
@@ -164,12 +175,7 @@ def test_many_near_ties_fall_back_to_the_float64_scan(index_factory, monkeypatch
         return real_scan(*args)
 
     monkeypatch.setattr(nearest_mod, "_scan", counting_scan)
-    rng = np.random.default_rng(2)
-    sphere = rng.normal(size=(200, 8))
-    sphere /= np.linalg.norm(sphere, axis=1, keepdims=True)
-    idx = index_factory(np.vstack([sphere * 3.0, rng.normal(size=(100, 8)) * 0.2 + 9.0]), neighbors=4)
-    v = np.asarray(idx.vectors, np.float64)
-    centre = np.zeros((3, 8)) + rng.normal(size=(3, 8)) * 1e-9
+    idx, v, centre = _sphere_of_ties(index_factory)
     ids, _ = nearest_words(idx, centre, np.array([250, 260, 270]), k=2)
     want, _ = brute_force(v, centre, 2)
     np.testing.assert_array_equal(ids, want)
@@ -179,12 +185,7 @@ def test_many_near_ties_fall_back_to_the_float64_scan(index_factory, monkeypatch
 def test_many_near_ties_in_the_threshold_search(index_factory, small_tiles) -> None:  # type: ignore[no-untyped-def]
     """The same sphere of 200 words around a point, searched by the default method: all of them
     fall inside the collection radius, and float64 decides among them."""
-    rng = np.random.default_rng(2)
-    sphere = rng.normal(size=(200, 8))
-    sphere /= np.linalg.norm(sphere, axis=1, keepdims=True)
-    idx = index_factory(np.vstack([sphere * 3.0, rng.normal(size=(100, 8)) * 0.2 + 9.0]), neighbors=4)
-    v = np.asarray(idx.vectors, np.float64)
-    centre = np.zeros((3, 8)) + rng.normal(size=(3, 8)) * 1e-9
+    idx, v, centre = _sphere_of_ties(index_factory)
     for k in (1, 2, 4):  # up to the table width
         ids, _ = nearest_words(idx, centre, np.array([250, 260, 270]), k=k)
         want, _ = brute_force(v, centre, k)

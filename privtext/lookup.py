@@ -106,6 +106,7 @@ class PackedVocabulary:
         # Only a word that cannot be packed is asked of a dictionary, and it can only equal a
         # key that cannot be packed either: these few keys are all that is kept as strings.
         unpacked_at = np.flatnonzero(~packable)
+        unpacked = unpacked_keys(keys, ids, unpacked_at)
         lo, hi, ids = lo[packable], hi[packable], ids[packable]
         bits = max(4, int(len(ids) * 2 - 1).bit_length())  # load factor at most 1/2
         size = 1 << bits
@@ -131,8 +132,7 @@ class PackedVocabulary:
             keep = np.ones(pending.size, dtype=np.bool_)
             keep[placed] = False
             pending, slot = pending[keep], (slot[keep] + 1) & (size - 1)
-        all_ids = np.concatenate([np.asarray(group_ids, dtype=np.int64) for _, group_ids in entries])
-        return cls(table, unpacked_keys(keys, all_ids, unpacked_at)), unpacked_at
+        return cls(table, unpacked), unpacked_at
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, int]) -> PackedVocabulary:

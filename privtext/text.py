@@ -318,7 +318,7 @@ class TextPerturber:
         self._index = index
         self._mask_cps = _utf32(mask_token)
         self._packed_vocabulary: PackedVocabulary | None = None
-        self._nfc_lookup = False  # set once a chunk needed NFC keys: the table gets NFC aliases
+        self._nfc_vocabulary: PackedVocabulary | None = None
         self._vocab: _Vocabulary | None = None
 
     def _vocabulary(self) -> _Vocabulary:
@@ -447,11 +447,8 @@ class TextPerturber:
         word_cps[space_at] = _SPACE_CP
         original = codecs.utf_32_le_decode(word_cps, "strict", True)[0]
         lowered = original.lower()
-        if lowered.isascii():
-            keys = lowered
-        else:
-            keys = unicodedata.normalize("NFC", lowered)
-            self._add_nfc_aliases()
+        ascii_keys = lowered.isascii()
+        keys = lowered if ascii_keys else unicodedata.normalize("NFC", lowered)
         key_cps = _utf32(keys + _LOOKUP_PADDING)
         if keys is lowered and len(lowered) == len(original):
             key_ends = space_at
@@ -460,27 +457,19 @@ class TextPerturber:
         key_starts = np.empty_like(key_ends)
         key_starts[0] = 0
         key_starts[1:] = key_ends[:-1] + 1
-        ids = self._packed().look_up(key_cps, key_starts, key_ends - key_starts, keys)
+        ids = self._packed(nfc=not ascii_keys).look_up(key_cps, key_starts, key_ends - key_starts, keys)
         del keys
 
         if lowered == original:
             return ids, np.zeros(0, dtype=np.int64)
         if len(lowered) == len(original):
-            lowered_cps = key_cps[: len(lowered)] if lowered.isascii() else _utf32(lowered)
+            lowered_cps = key_cps[: len(lowered)] if ascii_keys else _utf32(lowered)
             differs = np.flatnonzero(word_cps != lowered_cps)
             candidates = _distinct_sorted(np.searchsorted(space_at, differs))
         else:  # a character lower-cased to several (İ): compare word by word
             pairs = zip(original.split(" "), lowered.split(" "))
             candidates = np.array([j for j, (a, b) in enumerate(pairs) if a != b], dtype=np.int64)
         return ids, candidates[ids[candidates] >= 0]
-
-    def _add_nfc_aliases(self) -> None:
-        """Lookup is in NFC: a vocabulary entry stored in another normal form is also reachable
-        under its NFC spelling (an entry that is already NFC wins a collision). Only a non-ASCII
-        key can need this, so an ASCII corpus never pays for the check."""
-        if not self._nfc_lookup:
-            self._nfc_lookup = True
-            self._packed_vocabulary = None  # rebuilt with the aliases on next use
 
     def prepare(self) -> None:
         """Build the cached lookup and spelling tables now (in the parent, before workers)."""
@@ -505,35 +494,43 @@ class TextPerturber:
         second = self._index.derived_artifact(f"text-{name}-1", params, part(1), uncached_if_read_only=True)
         return first, second
 
-    def _packed(self) -> PackedVocabulary:
-        """The lookup table, built on first use from the words and aliases, in the priority of
-        `index.word_to_id` (aliases over words; NFC spellings only where nothing else is spelled
-        so). No str → id dictionary of the whole vocabulary is built (~13 MiB a worker)."""
-        packed = self._packed_vocabulary
-        if packed is None:
+    def _packed(self, nfc: bool = False) -> PackedVocabulary:
+        """The lookup table, in the priority of `index.word_to_id` (aliases over words). With
+        `nfc` (a chunk with non-ASCII keys: lookup is in NFC), a vocabulary entry stored in
+        another normal form is also reachable under its NFC spelling (an entry that is already
+        NFC wins a collision); for a vocabulary already in NFC (GloVe) it is the same table.
+        Which table a chunk uses depends on the chunk alone, never on earlier chunks. No str → id
+        dictionary of the whole vocabulary is built (~13 MiB a worker)."""
+        if nfc:
+            if self._nfc_vocabulary is None:
+                aliases, words = self._index.aliases(), self._index.words
+                if unicodedata.is_normalized("NFC", "\n".join([*aliases, *words])):
+                    self._nfc_vocabulary = self._packed()
+                else:  # rare, so built in memory and never cached
+                    entries = self._entries(aliases, words)
+                    nfc_keys = [(unicodedata.normalize("NFC", k), i) for keys, ids in entries
+                                for k, i in zip(keys, ids.tolist())]
+                    entries.append(([k for k, _ in nfc_keys],
+                                    np.array([i for _, i in nfc_keys], dtype=np.int64)))
+                    self._nfc_vocabulary = PackedVocabulary.build(*entries)[0]
+            return self._nfc_vocabulary
+        if self._packed_vocabulary is None:
             aliases = self._index.aliases()
 
-            def entries() -> list[tuple[list[str], np.ndarray]]:
-                words = self._index.words
-                found = [(list(aliases), np.fromiter(aliases.values(), dtype=np.int64, count=len(aliases))),
-                         (words, np.arange(len(words), dtype=np.int64))]
-                if self._nfc_lookup and not unicodedata.is_normalized("NFC", "\n".join([*aliases, *words])):
-                    nfc = [(unicodedata.normalize("NFC", k), i) for keys, ids in found
-                           for k, i in zip(keys, ids.tolist())]
-                    found.append(([k for k, _ in nfc], np.array([i for _, i in nfc], dtype=np.int64)))
-                return found
+            def build() -> tuple[np.ndarray, np.ndarray]:
+                table, unpacked_at = PackedVocabulary.build(*self._entries(aliases, self._index.words))
+                return table.table, unpacked_at
 
-            if self._nfc_lookup:  # only a non-NFC vocabulary differs here: built, never cached
-                packed = PackedVocabulary.build(*entries())[0]
-            else:
-                def build() -> tuple[np.ndarray, np.ndarray]:
-                    table, unpacked_at = PackedVocabulary.build(*entries())
-                    return table.table, unpacked_at
+            table, unpacked_at = self._derived("lookup", build)
+            # The unpacked keys (long or non-Latin-1 words) are named by their positions.
+            (alias_keys, alias_ids), (words, word_ids) = (
+                self._entries(aliases, self._index.words) if len(unpacked_at) else (([], []), ([], [])))
+            keys = [*alias_keys, *words]
+            ids = np.concatenate([np.asarray(alias_ids, dtype=np.int64), np.asarray(word_ids, dtype=np.int64)])
+            self._packed_vocabulary = PackedVocabulary(table, unpacked_keys(keys, ids, unpacked_at))
+        return self._packed_vocabulary
 
-                table, unpacked_at = self._derived("lookup", build)
-                keys = [*aliases, *self._index.words] if len(unpacked_at) else []
-                ids = np.concatenate([np.fromiter(aliases.values(), dtype=np.int64, count=len(aliases)),
-                                      np.arange(len(keys) - len(aliases), dtype=np.int64)])
-                packed = PackedVocabulary(table, unpacked_keys(keys, ids, unpacked_at))
-            self._packed_vocabulary = packed
-        return packed
+    @staticmethod
+    def _entries(aliases: dict[str, int], words: list[str]) -> list[tuple[list[str], np.ndarray]]:
+        return [(list(aliases), np.fromiter(aliases.values(), dtype=np.int64, count=len(aliases))),
+                (words, np.arange(len(words), dtype=np.int64))]

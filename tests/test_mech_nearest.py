@@ -103,6 +103,8 @@ def test_points_with_too_many_candidates_go_to_the_faiss_certificate(glove_small
 
     monkeypatch.setattr(nearest_mod, "_certified_search", counting)
     monkeypatch.setattr(nearest_mod, "CANDIDATE_CAP", 4)
+    # Far noise with k = 2 would go to FAISS's certificate whole; this test is about the cap.
+    monkeypatch.setattr(nearest_mod, "_threshold_is_slower", lambda *_: False)
     rng = np.random.default_rng(12)
     v = np.asarray(glove_small.vectors, np.float64)
     anchors = rng.integers(0, glove_small.n, 400)
@@ -275,3 +277,21 @@ def test_mechanisms_take_the_search_parameter(glove_small, name: str) -> None:  
 def test_bad_search_parameters_are_refused(glove_small, params, message) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ParameterError, match=message):
         create("laplace", glove_small, 10.0, params)
+
+
+def test_the_faster_exact_method_is_picked_by_noise_radius(glove_small) -> None:  # type: ignore[no-untyped-def]
+    """Both exact methods give the same answer; with two nearest words and noise far beyond the
+    table, the FAISS certificate is the faster one (bench/search.py), and it is picked."""
+    far = np.full(50, 10.0 * glove_small.geometry.kth_neighbor_distance_median)
+    near = np.full(50, 0.5 * glove_small.geometry.kth_neighbor_distance_median)
+    assert nearest_mod._threshold_is_slower(glove_small, far, 2)
+    assert not nearest_mod._threshold_is_slower(glove_small, near, 2)
+    assert not nearest_mod._threshold_is_slower(glove_small, far, 1)
+    rng = np.random.default_rng(4)
+    anchors = rng.integers(0, glove_small.n, 40)
+    v = np.asarray(glove_small.vectors, np.float64)
+    for scale in (0.3, 6.0):  # both regimes, through the public entry point
+        noisy = v[anchors] + rng.normal(size=(40, v.shape[1])) * scale
+        ids, _ = nearest_words(glove_small, noisy, anchors, k=2)
+        want, _ = brute_force(v, noisy, 2)
+        np.testing.assert_array_equal(ids, want)

@@ -36,10 +36,11 @@ def closed_form(vectors: np.ndarray, scale: float, lo: int = 0, clamp: float | N
 
 
 def envelope_only(index, scale: float, **kwargs) -> FullVocabularySampler:  # type: ignore[no-untyped-def]
-    """A sampler that draws every token by the envelope (no scan rows, no cache, no extended
-    lists unless asked)."""
+    """A sampler that draws every token by the envelope (no scan rows, no cache, no sorted rows,
+    no extended lists unless asked)."""
     kwargs.setdefault("extended_words", 0)
-    return FullVocabularySampler(index, scale, cache_bytes=0, scan_from_count=1 << 62, **kwargs)
+    return FullVocabularySampler(index, scale, cache_bytes=0, scan_from_count=1 << 62, sorted_words=0,
+                                 **kwargs)
 
 
 # Extended lists for the first 50 of the 80 words: both groups of words occur in every test.
@@ -188,7 +189,7 @@ def test_scan_and_envelope_words_in_one_chunk(index_factory) -> None:  # type: i
     """Frequent words of a chunk take the scan, rare ones the envelope; both follow the law."""
     idx = index_factory(vocabulary(), neighbors=3)
     v = np.asarray(idx.vectors, np.float64)
-    sampler = FullVocabularySampler(idx, 0.5, cache_bytes=0, scan_from_count=1000)
+    sampler = FullVocabularySampler(idx, 0.5, cache_bytes=0, scan_from_count=1000, sorted_words=0)
     heavy = np.repeat(np.arange(10), 3000)
     light = np.tile(np.arange(10, N), 900)  # 900 tokens each: below the scan threshold
     ids = np.concatenate([heavy, light])
@@ -252,7 +253,7 @@ def test_extended_lists_on_the_real_embedding(glove_small) -> None:  # type: ign
 
     def sampler(scale: float) -> FullVocabularySampler:
         return FullVocabularySampler(glove_small, scale, cache_bytes=0, scan_from_count=1 << 62,
-                                     extended_words=100, extended_width=200)
+                                     extended_words=100, extended_width=200, sorted_words=0)
 
     right = sampler(0.5)
     expected = right.probabilities(x)

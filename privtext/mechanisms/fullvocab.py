@@ -50,6 +50,7 @@ from privtext.mechanisms.envelope import (
     first_above,
 )
 from privtext.mechanisms.sampling import open_uniform
+from privtext.mechanisms.sortedrows import SortedRowSampler
 
 BLOCK = 256
 _WORD_BATCH = 64
@@ -128,7 +129,8 @@ class FullVocabularySampler:
                  log_prior: np.ndarray | None = None, clamp: float | None = None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, method: str = "envelope",
                  max_tries: int = DEFAULT_MAX_TRIES, scan_from_count: int = SCAN_FROM_COUNT,
-                 extended_words: int = DEFAULT_EXTENDED_WORDS, extended_width: int | None = None):
+                 extended_words: int = DEFAULT_EXTENDED_WORDS, extended_width: int | None = None,
+                 sorted_words: int | None = None):
         self.index = index
         self.scale = float(scale)
         self.lo = int(lo)
@@ -165,12 +167,17 @@ class FullVocabularySampler:
         self.envelope = EnvelopeSampler(index, self.scale, lo=self.lo, hi=self.hi, log_prior=log_prior,
                                         clamp=clamp, max_tries=max_tries, extended_words=extended_words,
                                         extended_width=extended_width)
+        env = self.envelope
+        self.sorted = SortedRowSampler(index, self.scale, log_prior=env.log_prior, clamp=env.clamp,
+                                       words=sorted_words if method == "envelope" else 0,
+                                       max_tries=max_tries)
         self.fallbacks = 0  # tokens that exhausted max_tries in this process (diagnostic count)
 
     def prepare(self) -> None:
         augmented_vectors(self.index)
         if self.method == "envelope":
             self.envelope.prepare()
+            self.sorted.prepare()
 
     @property
     def aug(self) -> np.ndarray:
@@ -266,24 +273,32 @@ class FullVocabularySampler:
         ids = np.asarray(ids, dtype=np.int64)
         if self.method == "scan":
             return self.scan(ids, rng)
-        # Words whose rows the cache holds, or that occur often enough in this chunk that one
-        # row costs less than their tokens' envelope proposals, are drawn by the scan; the rest
-        # by the envelope. The split depends on the chunk's ids only.
+        # The most frequent words (ids < R) are drawn from their distance-sorted rows. Of the
+        # others, words whose rows the cache holds, or that occur often enough in this chunk that
+        # one row costs less than their tokens' envelope proposals, are drawn by the scan; the
+        # rest by the envelope. The split depends on the chunk's ids only.
         words, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
-        heavy_word = (words < self.cache_words) | (counts >= self.scan_from_count)
-        heavy = heavy_word[inverse]
+        by_rows = words < self.sorted.words
+        heavy_word = ~by_rows & ((words < self.cache_words) | (counts >= self.scan_from_count))
         out = np.empty(len(ids), dtype=np.int64)
-        by_scan = np.flatnonzero(heavy)
+        rest_parts = []
+        sorted_tok = np.flatnonzero(by_rows[inverse])
+        if len(sorted_tok):
+            drawn, done = self.sorted.sample(ids[sorted_tok], rng)
+            out[sorted_tok] = drawn
+            rest_parts.append(sorted_tok[~done])
+        by_scan = np.flatnonzero(heavy_word[inverse])
         if len(by_scan):
             out[by_scan] = self.scan(ids[by_scan], rng)
-        light = np.flatnonzero(~heavy)
+        light = np.flatnonzero(~(by_rows | heavy_word)[inverse])
         if len(light):
             drawn, done = self.envelope.sample(ids[light], rng)
             out[light] = drawn
-            rest = light[~done]
-            if len(rest):
-                self.fallbacks += len(rest)
-                out[rest] = self.scan(ids[rest], rng)
+            rest_parts.append(light[~done])
+        rest = np.concatenate(rest_parts) if rest_parts else np.empty(0, dtype=np.int64)
+        if len(rest):  # exhausted max_tries: the exact scan, with fresh randomness
+            self.fallbacks += len(rest)
+            out[rest] = self.scan(ids[rest], rng)
         return out
 
     def scan(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -3,6 +3,7 @@
     python bench/samplers.py                               # every case, mechanism alone + end to end
     python bench/samplers.py --only santext laplace-hnsw --skip-e2e
     python bench/samplers.py --in-process --chunks 4 --repeat 3   # one core, words per CPU-second
+    python bench/samplers.py --in-process --chunks 4 --chunk-tokens 47000   # the same in the CLI's chunk size
 
 For each case it prints words/s of
 
@@ -110,7 +111,7 @@ def end_to_end(name: str, epsilon: float, params: dict[str, Any], words: int, wo
 IN_PROCESS_CASES = [("santext", "santext", 3.0), ("density", "density", 3.0), ("tem-wide", "tem", 2.0)]
 
 
-def in_process(index: Any, chunks: int, repeat: int, only: list[str] | None) -> None:
+def in_process(index: Any, chunks: int, repeat: int, only: list[str] | None, chunk_tokens: int = 0) -> None:
     import numpy as np
 
     from privtext.mechanisms import create
@@ -120,9 +121,14 @@ def in_process(index: Any, chunks: int, repeat: int, only: list[str] | None) -> 
     chunks = min(chunks, len(bounds) - 1)
     parts = [np.asarray(ids[bounds[c] : bounds[c + 1]]) for c in range(chunks)]
     words = sum(len(p) for p in parts)
-    print(f"corpus: {corpus}; {chunks} chunks of {harness.DOCS_PER_CHUNK} documents, {words:,} tokens")
+    shape = f"{chunks} chunks of {harness.DOCS_PER_CHUNK} documents"
+    if chunk_tokens:  # the same tokens in chunks of the CLI's size (256 KiB of 20NG: ~47k tokens)
+        flat = np.concatenate(parts)
+        parts = [flat[a : a + chunk_tokens] for a in range(0, len(flat), chunk_tokens)]
+        shape = f"{len(parts)} chunks of {chunk_tokens:,} tokens"
+    print(f"corpus: {corpus}; {shape}, {words:,} tokens")
     header = (f"{'case':<10}{'eps':>5}{'best words/CPU-s':>18}{'median':>11}{'envelope tokens':>17}"
-              f"{'proposals/token':>17}{'fallbacks':>11}")
+              f"{'proposals/token':>17}{'sorted-row tokens':>19}{'proposals/token':>17}{'fallbacks':>11}")
     print(header)
     print("-" * len(header))
     for label, name, epsilon in IN_PROCESS_CASES:
@@ -134,16 +140,28 @@ def in_process(index: Any, chunks: int, repeat: int, only: list[str] | None) -> 
         env = sampler.envelope
         for c, part in enumerate(parts):  # warm-up: lazily mapped files, the row cache
             mech.perturb_ids(part, chunk_rng(1, 0, c))
+        rows = getattr(sampler, "sorted", None)
+        clustered = getattr(sampler, "clustered", None)
         rates = []
         for _ in range(repeat):
             env.proposals = env.tokens = 0  # diagnostic counters (absent before this change)
+            if rows is not None:
+                rows.proposals = rows.tokens = 0
+            if clustered is not None:
+                clustered.proposals = clustered.tokens = 0
             start = time.process_time()
             for c, part in enumerate(parts):
                 mech.perturb_ids(part, chunk_rng(12345, 0, c))
             rates.append(words / (time.process_time() - start))
         per_token = env.proposals / env.tokens if getattr(env, "tokens", 0) else float("nan")
+        if clustered is not None:
+            print(f"{'':<10}cluster-bounded words: {clustered.tokens:,} tokens, "
+                  f"{clustered.proposals / max(clustered.tokens, 1):.2f} proposals/token")
+        row_tokens = rows.tokens if rows is not None else 0
+        row_rate = rows.proposals / rows.tokens if row_tokens else float("nan")
         print(f"{label:<10}{epsilon:>5g}{max(rates):>18,.0f}{float(np.median(rates)):>11,.0f}"
-              f"{env.tokens:>17,}{per_token:>17.2f}{sampler.fallbacks:>11}", flush=True)
+              f"{env.tokens:>17,}{per_token:>17.2f}{row_tokens:>19,}{row_rate:>17.2f}{sampler.fallbacks:>11}",
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                              "and tem perturb_ids, with proposals per token")
     parser.add_argument("--chunks", type=int, default=4, help="--in-process: 20NG chunks per pass")
     parser.add_argument("--repeat", type=int, default=3, help="--in-process: timed passes")
+    parser.add_argument("--chunk-tokens", type=int, default=0,
+                        help="--in-process: re-cut the tokens into chunks of this many (47000: the CLI's "
+                             "256 KiB chunks of 20 Newsgroups); default: chunks of 1000 documents")
     args = parser.parse_args(argv)
     os.environ.update(harness.SINGLE_THREAD_ENV)
 
@@ -180,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
               f"load average at start {', '.join(f'{a:.1f}' for a in os.getloadavg())} on {os.cpu_count()} cpus")
         if threadpool_limits is not None:
             with threadpool_limits(1):
-                in_process(index, args.chunks, args.repeat, args.only)
+                in_process(index, args.chunks, args.repeat, args.only, args.chunk_tokens)
         else:
-            in_process(index, args.chunks, args.repeat, args.only)
+            in_process(index, args.chunks, args.repeat, args.only, args.chunk_tokens)
         print(f"load average at end {', '.join(f'{a:.1f}' for a in os.getloadavg())}")
         return 0
     print(f"index: {index.path} (n = {index.n}, K = {index.neighbors}); workers: {args.workers}; "

@@ -37,10 +37,10 @@ def closed_form(vectors: np.ndarray, scale: float, lo: int = 0, clamp: float | N
 
 def envelope_only(index, scale: float, **kwargs) -> FullVocabularySampler:  # type: ignore[no-untyped-def]
     """A sampler that draws every token by the envelope (no scan rows, no cache, no sorted rows,
-    no extended lists unless asked)."""
+    no cluster bounds, no extended lists unless asked)."""
     kwargs.setdefault("extended_words", 0)
     return FullVocabularySampler(index, scale, cache_bytes=0, scan_from_count=1 << 62, sorted_words=0,
-                                 **kwargs)
+                                 clusters=0, **kwargs)
 
 
 # Extended lists for the first 50 of the 80 words: both groups of words occur in every test.
@@ -189,7 +189,8 @@ def test_scan_and_envelope_words_in_one_chunk(index_factory) -> None:  # type: i
     """Frequent words of a chunk take the scan, rare ones the envelope; both follow the law."""
     idx = index_factory(vocabulary(), neighbors=3)
     v = np.asarray(idx.vectors, np.float64)
-    sampler = FullVocabularySampler(idx, 0.5, cache_bytes=0, scan_from_count=1000, sorted_words=0)
+    sampler = FullVocabularySampler(idx, 0.5, cache_bytes=0, scan_from_count=1000, sorted_words=0,
+                                    clusters=0)
     heavy = np.repeat(np.arange(10), 3000)
     light = np.tile(np.arange(10, N), 900)  # 900 tokens each: below the scan threshold
     ids = np.concatenate([heavy, light])
@@ -214,8 +215,9 @@ def test_draws_depend_only_on_the_ids_and_the_generator(index_factory, extended:
 
 
 def test_mechanisms_use_the_envelope_on_the_real_embedding(glove_small) -> None:  # type: ignore[no-untyped-def]
-    """santext at small ε on real vectors: the envelope's draws of one rare word follow the
-    exact distribution (chi-square with pooled small bins) and reject a 30% wrong ε."""
+    """santext at small ε on real vectors: the draws of one rare word follow the exact
+    distribution (chi-square with pooled small bins) and reject a 30% wrong ε. (On this
+    2000-word index every word has an extended list, so the cluster-bounded envelope serves it.)"""
     x = glove_small.n - 7
     mech = create("santext", glove_small, 1.0, {})
     expected = mech.probabilities(x)
@@ -253,7 +255,7 @@ def test_extended_lists_on_the_real_embedding(glove_small) -> None:  # type: ign
 
     def sampler(scale: float) -> FullVocabularySampler:
         return FullVocabularySampler(glove_small, scale, cache_bytes=0, scan_from_count=1 << 62,
-                                     extended_words=100, extended_width=200, sorted_words=0)
+                                     extended_words=100, extended_width=200, sorted_words=0, clusters=0)
 
     right = sampler(0.5)
     expected = right.probabilities(x)
@@ -264,3 +266,27 @@ def test_extended_lists_on_the_real_embedding(glove_small) -> None:  # type: ign
     assert chi_square_pvalue(out, expected, min_expected=20.0) > 1e-3
     wrong = sampler(0.65).sample(ids, np.random.default_rng(12))
     assert chi_square_pvalue(wrong, expected, min_expected=20.0) < 1e-6
+
+
+def test_guided_columns_are_search_rows() -> None:
+    """The guide only gives a starting column: the answer is the binary search's, with zero-mass
+    columns, masses on exact multiples of 1/G, one column holding all the mass, and u near 0
+    and 1."""
+    from privtext.mechanisms.envelope import guide_table, guided_columns, search_rows
+
+    rng = np.random.default_rng(1)
+    for width in (1, 2, 7, 300, 5000):
+        w = rng.random((50, width)) * (rng.random((50, width)) < 0.6)
+        w[:, -1] += 1e-3
+        w[0] = 0.0
+        w[0, width // 2] = 1.0
+        cum = np.cumsum(w, axis=1)
+        cum /= cum[:, -1:]
+        cum[1] = np.minimum(np.round(cum[1] * 64) / 64, 1.0)  # entries on the guide's grid
+        cum[1, -1] = 1.0
+        guide = guide_table(cum)
+        rows = rng.integers(0, 50, 20_000)
+        u = np.concatenate([rng.random(19_000), np.arange(1, 1001) / 1024.0 * 0.999])
+        u = np.clip(u, 2.0**-53, 1 - 2.0**-53)
+        u[:3] = [2.0**-53, 1 - 2.0**-53, 0.5]
+        np.testing.assert_array_equal(guided_columns(cum, guide, rows, u), search_rows(cum, rows, u))

@@ -511,7 +511,10 @@ class EnvelopeSampler:
 
         # Distances for every proposal in a (t, k, m) block: x's row is gathered once per token
         # (the table-part proposals' distances are computed but unused).
-        diff = np.subtract(self.vectors[y], self.vectors[x][:, None, :], dtype=np.float64)
+        # Gathered with take, widened, then the input's row subtracted in place: the same float64
+        # values as subtracting in float64, without the mixed-type ufunc's slow casting loop.
+        diff = self.vectors.take(y.reshape(-1), axis=0).astype(np.float64).reshape(t, k, -1)
+        diff -= self.vectors.take(x, axis=0)[:, None, :]
         dist = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
         kx = terms["kappa"][w][:, None]
         # Bound b(y) = π(y)·exp(−s·min(max(κ_x, κ_B), c)) with B the bin holding y (the prior
@@ -619,3 +622,36 @@ def _search_segments(cum: np.ndarray, start: np.ndarray, size: np.ndarray, u: np
         lo = np.where(right, mid + 1, lo)
         hi = np.where(right, hi, mid)
     return np.minimum(lo, size - 1)
+
+
+GUIDE_CELLS = 1024  # a power of two: u·G and g/G are exact in float64
+
+
+def guide_table(cum: np.ndarray, cells: int = GUIDE_CELLS) -> np.ndarray:
+    """For rows of non-decreasing cumulative masses in [0, 1] (each ending at 1): guide[r, g] =
+    the number of entries of row r that are ≤ g/G, for g < G. Counted exactly: with G a power
+    of two, cum·G is exact, and cum ≤ g/G ⟺ ⌈cum·G⌉ ≤ g."""
+    rows, width = cum.shape
+    level = np.minimum(np.ceil(cum * cells), cells).astype(np.int64)
+    flat = (np.arange(rows, dtype=np.int64) * (cells + 1))[:, None] + level
+    counts = np.bincount(flat.reshape(-1), minlength=rows * (cells + 1)).reshape(rows, cells + 1)
+    dtype = np.int16 if width < (1 << 15) else np.int32
+    return np.cumsum(counts[:, :cells], axis=1).astype(dtype)
+
+
+def guided_columns(cum: np.ndarray, guide: np.ndarray, rows: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """For each i, the first column j with cum[rows[i], j] > u[i] (u in (0, 1), rows ending at
+    1): `search_rows`' answer, started from the guide table and settled by exact comparisons
+    (the entries counted by guide[r, ⌊u·G⌋] are all ≤ ⌊u·G⌋/G ≤ u, so the answer is at or after
+    it); a few steps instead of a binary search over the whole row."""
+    cells = guide.shape[1]
+    width = cum.shape[1]
+    g = (u * cells).astype(np.int64)
+    col = guide.reshape(-1)[rows * cells + g].astype(np.int64)
+    flat = cum.reshape(-1)
+    base = rows * width
+    active = np.flatnonzero(flat[base + col] <= u)
+    while len(active):  # step forward while the entry is still ≤ u (the last entry, 1, is not)
+        col[active] += 1
+        active = active[flat[base[active] + col[active]] <= u[active]]
+    return col

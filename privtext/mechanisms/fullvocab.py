@@ -43,6 +43,7 @@ import math
 import numpy as np
 
 from privtext.index import EmbeddingIndex
+from privtext.mechanisms.clusters import DEFAULT_CLUSTERS, ClusterEnvelope
 from privtext.mechanisms.envelope import (
     DEFAULT_EXTENDED_WORDS,
     DEFAULT_MAX_TRIES,
@@ -130,7 +131,7 @@ class FullVocabularySampler:
                  cache_bytes: int = DEFAULT_CACHE_BYTES, method: str = "envelope",
                  max_tries: int = DEFAULT_MAX_TRIES, scan_from_count: int = SCAN_FROM_COUNT,
                  extended_words: int = DEFAULT_EXTENDED_WORDS, extended_width: int | None = None,
-                 sorted_words: int | None = None):
+                 sorted_words: int | None = None, clusters: int = DEFAULT_CLUSTERS):
         self.index = index
         self.scale = float(scale)
         self.lo = int(lo)
@@ -171,6 +172,9 @@ class FullVocabularySampler:
         self.sorted = SortedRowSampler(index, self.scale, log_prior=env.log_prior, clamp=env.clamp,
                                        words=sorted_words if method == "envelope" else 0,
                                        max_tries=max_tries)
+        # Words with an extended list beyond the sorted rows: tail bounded by clusters.
+        self.clustered = ClusterEnvelope(env, first=self.sorted.words,
+                                         clusters=clusters if method == "envelope" else 0)
         self.fallbacks = 0  # tokens that exhausted max_tries in this process (diagnostic count)
 
     def prepare(self) -> None:
@@ -178,6 +182,7 @@ class FullVocabularySampler:
         if self.method == "envelope":
             self.envelope.prepare()
             self.sorted.prepare()
+            self.clustered.prepare()
 
     @property
     def aug(self) -> np.ndarray:
@@ -273,10 +278,20 @@ class FullVocabularySampler:
         ids = np.asarray(ids, dtype=np.int64)
         if self.method == "scan":
             return self.scan(ids, rng)
+        # Tokens are drawn in word order (the ids' stable sort): the rejection samplers then read
+        # each word's per-word rows (part masses, bounds, lists) for runs of tokens at a time,
+        # from cache, instead of jumping between words at every proposal.
+        order = np.argsort(ids, kind="stable")
+        out = np.empty(len(ids), dtype=np.int64)
+        out[order] = self._sample_sorted(ids[order], rng)
+        return out
+
+    def _sample_sorted(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         # The most frequent words (ids < R) are drawn from their distance-sorted rows. Of the
         # others, words whose rows the cache holds, or that occur often enough in this chunk that
-        # one row costs less than their tokens' envelope proposals, are drawn by the scan; the
-        # rest by the envelope. The split depends on the chunk's ids only.
+        # one row costs less than their tokens' envelope proposals, are drawn by the scan; words
+        # with an extended list by the cluster-bounded envelope; the rest by the envelope. The
+        # split depends on the chunk's ids only.
         words, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
         by_rows = words < self.sorted.words
         heavy_word = ~by_rows & ((words < self.cache_words) | (counts >= self.scan_from_count))
@@ -290,7 +305,13 @@ class FullVocabularySampler:
         by_scan = np.flatnonzero(heavy_word[inverse])
         if len(by_scan):
             out[by_scan] = self.scan(ids[by_scan], rng)
-        light = np.flatnonzero(~(by_rows | heavy_word)[inverse])
+        by_clusters = ~by_rows & ~heavy_word & self.clustered.serves(words)
+        cluster_tok = np.flatnonzero(by_clusters[inverse])
+        if len(cluster_tok):
+            drawn, done = self.clustered.sample(ids[cluster_tok], rng)
+            out[cluster_tok] = drawn
+            rest_parts.append(cluster_tok[~done])
+        light = np.flatnonzero(~(by_rows | heavy_word | by_clusters)[inverse])
         if len(light):
             drawn, done = self.envelope.sample(ids[light], rng)
             out[light] = drawn

@@ -50,7 +50,7 @@ import math
 import numpy as np
 
 from privtext.index import EmbeddingIndex
-from privtext.mechanisms.envelope import search_rows
+from privtext.mechanisms.envelope import guide_table, guided_columns
 from privtext.mechanisms.sampling import open_uniform
 
 SORTED_ORDER_ARTIFACT = "sorted-rows-order"
@@ -209,6 +209,7 @@ class SortedRowSampler:
         np.cumsum(logm, axis=1, out=logm)
         logm /= logm[:, -1:]
         self.cum = logm  # per word: cumulative bin masses, ending at 1
+        self.guide = guide_table(logm, 4096)
         self.vectors = np.asarray(self.index.vectors)
         self._ready = True
 
@@ -248,11 +249,12 @@ class SortedRowSampler:
         u = open_uniform(rng, t * k)
         expo = rng.standard_exponential(t * k)
         rows = np.repeat(x, k)
-        j = search_rows(self.cum, rows, u)
+        j = guided_columns(self.cum, self.guide, rows, u)
         flat = rows * self.width + j
         pos = self.starts.reshape(-1)[flat] + rng.integers(0, self.counts.reshape(-1)[flat])
         y = np.asarray(self.order[rows, pos], dtype=np.int64)
-        diff = np.subtract(self.vectors[y], self.vectors[rows], dtype=np.float64)
+        diff = self.vectors.take(y, axis=0).astype(np.float64)  # float64, as in envelope.py
+        diff -= self.vectors.take(rows, axis=0)
         dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
         excess = self.scale * (np.minimum(dist, self.clamp) - self.lower.reshape(-1)[flat])
         if not self.flat_prior:  # log π̂_j − log π(y): +inf outside the range (never accepted)

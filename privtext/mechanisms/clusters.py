@@ -96,7 +96,8 @@ def build_clusters(index: EmbeddingIndex, clusters: int) -> np.ndarray:
 
 
 def build_cluster_bounds(index: EmbeddingIndex, words: int, packed: np.ndarray) -> np.ndarray:
-    """λ (float64, (W, C')): for x < W, a certified lower bound on d(x, y) for y in each cluster."""
+    """λ (float32, (W, C')): for x < W, a certified lower bound on d(x, y) for y in each cluster
+    (computed in float64, then rounded down to float32: half the memory, still a lower bound)."""
     from privtext.mechanisms.fullvocab import augmented_vectors, squared_distances
 
     n = index.n
@@ -105,12 +106,16 @@ def build_cluster_bounds(index: EmbeddingIndex, words: int, packed: np.ndarray) 
     aug = augmented_vectors(index)
     radius2 = float(np.max(aug[-1]))
     slack = 4.0 * (index.dim + 2) * 2.0**-53 * 1.001 * 4.0 * radius2
-    out = np.empty((words, count), dtype=np.float64)
+    out = np.empty((words, count), dtype=np.float32)
     for a in range(0, words, _BUILD_BATCH):
         batch = np.arange(a, min(a + _BUILD_BATCH, words))
         d2 = squared_distances(aug, batch, 0, n)[:, members]
         low = np.minimum.reduceat(d2, offsets[:-1], axis=1)
-        out[batch] = np.sqrt(np.maximum(low - slack, 0.0)) * (1.0 - _REL)
+        bound = np.sqrt(np.maximum(low - slack, 0.0)) * (1.0 - _REL)
+        narrow = bound.astype(np.float32)
+        up = narrow.astype(np.float64) > bound  # rounded up: step down to the float32 below
+        narrow[up] = np.nextafter(narrow[up], np.float32(-np.inf))
+        out[batch] = narrow
     return out
 
 
@@ -145,7 +150,7 @@ class ClusterEnvelope:
         words, c = self.words, self.clusters
         packed = self._packed()
         return self.index.derived_artifact(
-            CLUSTER_BOUNDS_ARTIFACT, {"version": 1, "clusters": c, "words": words},
+            CLUSTER_BOUNDS_ARTIFACT, {"version": 2, "clusters": c, "words": words},
             lambda ix: build_cluster_bounds(ix, words, np.asarray(packed)))
 
     def prepare(self) -> None:
@@ -192,7 +197,7 @@ class ClusterEnvelope:
             batch = missing[a : a + 256]
             _, _, a_table = env._extended_weights(batch)
             radius = np.maximum(np.asarray(env.ext_dist[batch, env.ext_width]), env.kappa[batch])
-            bound = np.maximum(np.asarray(self.lam[batch]), radius[:, None])
+            bound = np.maximum(np.asarray(self.lam[batch], dtype=np.float64), radius[:, None])
             parts = np.empty((len(batch), self._cum.shape[1]))
             parts[:, 0] = a_table
             parts[:, 1:] = self.log_mass[None, :] - s * np.minimum(bound, c)
@@ -268,7 +273,7 @@ class ClusterEnvelope:
         diff -= self.vectors.take(xs, axis=0)
         dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
         radius = np.maximum(np.asarray(env.ext_dist[xs, env.ext_width]), env.kappa[xs])
-        bound = np.maximum(np.asarray(self.lam[xs, q]), radius)
+        bound = np.maximum(np.asarray(self.lam[xs, q], dtype=np.float64), radius)
         ok = expo[sel] > s * (np.minimum(dist, c) - np.minimum(bound, c))
         # A word of N_x proposed by a cluster is rejected; only words within the list's reach
         # can be in it.

@@ -197,13 +197,16 @@ class SortedRowSampler:
         n = self.index.n
         self.order = _sorted_artifact(self.index, 0, self.words, self.artifact_prior)
         bins = np.asarray(_sorted_artifact(self.index, 1, self.words, self.artifact_prior))
-        self.starts = bins[:, 0].astype(np.int64)
-        self.counts = np.diff(self.starts, axis=1, append=np.full((self.words, 1), n))
+        self.starts = bins[:, 0].astype(np.int32)  # positions < n < 2³¹
+        self.counts = np.diff(self.starts, axis=1, append=np.full((self.words, 1), n, dtype=np.int32))
         self.lower = np.minimum(bins[:, 1], self.clamp)  # min(ℓ_j, c), as the bound uses it
-        self.top = np.ascontiguousarray(bins[:, 2])  # log π̂_j
+        # log π̂_j: kept only when the prior is not flat (the prior-free rows hold zeros there).
+        self.top = None if self.flat_prior else np.ascontiguousarray(bins[:, 2])
         self.width = self.starts.shape[1]
         with np.errstate(divide="ignore"):
-            logm = np.log(self.counts.astype(np.float64)) - self.scale * self.lower + self.top
+            logm = np.log(self.counts.astype(np.float64)) - self.scale * self.lower
+        if self.top is not None:
+            logm += self.top
         logm -= logm.max(axis=1, keepdims=True)
         np.exp(logm, out=logm)
         np.cumsum(logm, axis=1, out=logm)
@@ -251,13 +254,13 @@ class SortedRowSampler:
         rows = np.repeat(x, k)
         j = guided_columns(self.cum, self.guide, rows, u)
         flat = rows * self.width + j
-        pos = self.starts.reshape(-1)[flat] + rng.integers(0, self.counts.reshape(-1)[flat])
+        pos = self.starts.reshape(-1)[flat] + rng.integers(0, self.counts.reshape(-1)[flat].astype(np.int64))
         y = np.asarray(self.order[rows, pos], dtype=np.int64)
         diff = self.vectors.take(y, axis=0).astype(np.float64)  # float64, as in envelope.py
         diff -= self.vectors.take(rows, axis=0)
         dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
         excess = self.scale * (np.minimum(dist, self.clamp) - self.lower.reshape(-1)[flat])
-        if not self.flat_prior:  # log π̂_j − log π(y): +inf outside the range (never accepted)
+        if self.top is not None:  # log π̂_j − log π(y): +inf outside the range (never accepted)
             excess += self.top.reshape(-1)[flat] - self.log_prior[y]
         accept = (expo > excess).reshape(t, k)
         got = accept.any(axis=1)

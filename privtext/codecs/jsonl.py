@@ -27,12 +27,14 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from privtext.codecs.lines import LinesOut, RecordError, transform_lines
-from privtext.text import ChunkCounters
-
-# (text, span starts, span ends) -> (new text, new starts, new ends, counters): the text path's
-# in-place perturbation of documents that sit in one buffer (TextPerturber.perturb_spans).
-PerturbSpans = Callable[[str, np.ndarray, np.ndarray], tuple[str, np.ndarray, np.ndarray, ChunkCounters]]
+from privtext.codecs.lines import (
+    LinesOut,
+    PerturbSpans,
+    RecordError,
+    line_bounds,
+    to_char_offsets,
+    transform_lines,
+)
 
 # parse_int/parse_float=str: values are only skipped, never used, so no int-digit limit and
 # no float rounding can make a valid record fail.
@@ -285,8 +287,7 @@ def _transform_columnar(lines: list[bytes], key: str, perturb_spans: PerturbSpan
 
     raw = np.frombuffer(blob, dtype=np.uint8)
     last = len(raw) - 1
-    line_end = np.cumsum(np.fromiter(map(len, lines), dtype=np.int64, count=n))
-    line_start = line_end - np.fromiter(map(len, lines), dtype=np.int64, count=n)
+    line_start, line_end = line_bounds(lines)
     quotes = np.flatnonzero(raw == _QUOTE)
     backslashes = np.flatnonzero(raw == _BACKSLASH)
     if backslashes.size:
@@ -324,13 +325,8 @@ def _transform_columnar(lines: list[bytes], key: str, perturb_spans: PerturbSpan
     direct[rows[~good]] = False
     rows, opening, closing, escaped = rows[good], opening[good], closing[good], escaped[good]
 
-    if len(text) != len(blob):  # byte offsets to character offsets: drop continuation bytes
-        continuation = np.zeros(len(raw) + 1, dtype=np.int64)
-        np.cumsum((raw & 0xC0) == 0x80, out=continuation[1:])
-        opening = opening - continuation[opening]
-        closing = closing - continuation[closing]
-        line_start = line_start - continuation[line_start]
-        line_end = line_end - continuation[line_end]
+    if len(text) != len(blob):
+        opening, closing, line_start, line_end = to_char_offsets(raw, opening, closing, line_start, line_end)
     starts, ends = opening + 1, closing
     values: list[str | None] = [None] * len(rows)  # the decoded value where the raw text differs
     for i in np.flatnonzero(escaped).tolist():

@@ -158,11 +158,14 @@ def _segment_spans(text: str, span_starts: np.ndarray, span_ends: np.ndarray) ->
     a span's edge, and an extender at a span's first position has a BREAK before it."""
     cps = _utf32("\x00" + text + "\x00")
     flags = _table().lookup(cps)
-    edges = np.bincount(span_starts + 1, minlength=len(cps) + 1).astype(np.int64)
-    edges -= np.bincount(span_ends + 1, minlength=len(cps) + 1)
-    outside = np.cumsum(edges[: len(cps)]) == 0
-    flags[outside] = _BREAK
-    del edges, outside
+    # Alternating runs: outside (the frame and the gaps) and inside (the spans).
+    bounds = np.empty(2 * len(span_starts) + 2, dtype=np.int64)
+    bounds[0], bounds[-1] = 0, len(cps)
+    bounds[1:-1:2] = span_starts + 1
+    bounds[2:-1:2] = span_ends + 1
+    outside = np.zeros(len(bounds) - 1, dtype=np.bool_)
+    outside[0::2] = True
+    np.putmask(flags, np.repeat(outside, np.diff(bounds)), _BREAK)
     doc_bounds = np.append(span_starts + 1, len(cps))
     return _find_words(cps, flags, doc_bounds, doc_bounds)
 

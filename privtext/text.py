@@ -559,16 +559,25 @@ class TextPerturber:
     def writes_json_plain(self) -> bool:
         """Whether no replacement this perturber writes holds a character that a JSON string
         must escape ('"', '\\', below U+0020): the vocabulary in all its spellings and the mask
-        token. A kept OOV word is one of the input's own words, which hold none."""
+        token. A kept OOV word is one of the input's own words, which hold none. The
+        vocabulary's answer is a cached derived file, so a worker reads one number."""
         if self._json_plain is None:
-            cps = np.concatenate([self._vocabulary().cps, self._mask_cps])
-            self._json_plain = not bool(((cps < 0x20) | (cps == ord('"')) | (cps == ord("\\"))).any())
+            def scan(_index: EmbeddingIndex) -> np.ndarray:
+                cps = self._vocabulary().cps
+                return np.array([not ((cps < 0x20) | (cps == ord('"')) | (cps == ord("\\"))).any()])
+
+            vocabulary_plain = self._index.derived_artifact(
+                "text-json-plain", {"format": _TABLES_FORMAT}, scan, uncached_if_read_only=True)
+            mask_plain = not any(c in '"\\' or c < " " for c in self.mask_token)
+            self._json_plain = bool(vocabulary_plain[0]) and mask_plain
         return self._json_plain
 
     def prepare(self) -> None:
         """Build the cached lookup and spelling tables now (in the parent, before workers)."""
         self._vocabulary()
         self._packed()
+        self._vocabulary_is_nfc()
+        self.writes_json_plain()
 
     def _derived(self, name: str,
                  build: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -597,11 +606,10 @@ class TextPerturber:
         dictionary of the whole vocabulary is built (~13 MiB a worker)."""
         if nfc:
             if self._nfc_vocabulary is None:
-                aliases, words = self._index.aliases(), self._index.words
-                if unicodedata.is_normalized("NFC", "\n".join([*aliases, *words])):
+                if self._vocabulary_is_nfc():
                     self._nfc_vocabulary = self._packed()
                 else:  # rare, so built in memory and never cached
-                    entries = self._entries(aliases, words)
+                    entries = self._entries(self._index.aliases(), self._index.words)
                     nfc_keys = [(unicodedata.normalize("NFC", k), i) for keys, ids in entries
                                 for k, i in zip(keys, ids.tolist())]
                     entries.append(([k for k, _ in nfc_keys],
@@ -609,20 +617,38 @@ class TextPerturber:
                     self._nfc_vocabulary = PackedVocabulary.build(*entries)[0]
             return self._nfc_vocabulary
         if self._packed_vocabulary is None:
-            aliases = self._index.aliases()
-
             def build() -> tuple[np.ndarray, np.ndarray]:
-                table, unpacked_at = PackedVocabulary.build(*self._entries(aliases, self._index.words))
+                table, unpacked_at = PackedVocabulary.build(*self._entries(self._index.aliases(), self._index.words))
                 return table.table, unpacked_at
 
             table, unpacked_at = self._derived("lookup", build)
-            # The unpacked keys (long or non-Latin-1 words) are named by their positions.
-            (alias_keys, alias_ids), (words, word_ids) = (
-                self._entries(aliases, self._index.words) if len(unpacked_at) else (([], []), ([], [])))
-            keys = [*alias_keys, *words]
-            ids = np.concatenate([np.asarray(alias_ids, dtype=np.int64), np.asarray(word_ids, dtype=np.int64)])
-            self._packed_vocabulary = PackedVocabulary(table, unpacked_keys(keys, ids, unpacked_at))
+
+            def build_unpacked() -> tuple[np.ndarray, np.ndarray]:
+                # The keys that cannot be packed (long or non-Latin-1 words), in priority order,
+                # with their ids: a worker then never reads the whole word list.
+                entries = self._entries(self._index.aliases(), self._index.words)
+                keys = [k for group, _ in entries for k in group]
+                ids = np.concatenate([group_ids for _, group_ids in entries])
+                at = unpacked_at.tolist()
+                return _utf32("\n".join(keys[i] for i in at)), ids[unpacked_at]
+
+            unpacked: dict[str, int] = {}
+            if len(unpacked_at):
+                key_cps, key_ids = self._derived("lookup-unpacked", build_unpacked)
+                keys = codecs.utf_32_le_decode(key_cps, "surrogatepass", True)[0].split("\n")
+                unpacked = unpacked_keys(keys, np.asarray(key_ids), np.arange(len(keys)))
+            self._packed_vocabulary = PackedVocabulary(table, unpacked)
         return self._packed_vocabulary
+
+    def _vocabulary_is_nfc(self) -> bool:
+        """Whether every vocabulary key is in NFC (then the NFC lookup is the plain one), as a
+        cached derived file: a worker does not read the word list to learn it."""
+        def check(_index: EmbeddingIndex) -> np.ndarray:
+            keys = "\n".join([*self._index.aliases(), *self._index.words])
+            return np.array([unicodedata.is_normalized("NFC", keys)])
+
+        return bool(self._index.derived_artifact("text-vocabulary-nfc", {"format": _TABLES_FORMAT}, check,
+                                                 uncached_if_read_only=True)[0])
 
     @staticmethod
     def _entries(aliases: dict[str, int], words: list[str]) -> list[tuple[list[str], np.ndarray]]:

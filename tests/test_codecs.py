@@ -376,6 +376,13 @@ def test_the_columnar_path_takes_plain_chunks_and_hands_back_the_rest() -> None:
                   [b'{"text": "\\ud800"}\n'], [b'["text"]\n'], [b'{"text": "a", "n": NaN}\n']):
         assert jsonl_codec._transform_columnar(chunk, "text", spans) is None, chunk
     assert jsonl_codec._transform_columnar(plain, "a/b", spans) is None  # '/' may be written \/
+    # A record longer than a chunk keeps the per-record path, which perturbs it in pieces.
+    from privtext.codecs.lines import COLUMNAR_MAX_BYTES
+
+    huge = b"a " * (COLUMNAR_MAX_BYTES // 2 + 1)
+    assert jsonl_codec._transform_columnar([b'{"text": "' + huge + b'"}\n'], "text", spans) is None
+    assert text_codec._transform_columnar([huge + b"\n"], spans) is None
+    assert taken == [3]
 
 
 def test_the_text_formats_columnar_path_writes_the_per_line_paths_bytes(glove_small) -> None:  # type: ignore[no-untyped-def]

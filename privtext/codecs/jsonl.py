@@ -28,6 +28,7 @@ import msgspec
 import numpy as np
 
 from privtext.codecs.lines import (
+    COLUMNAR_MAX_BYTES,
     LinesOut,
     PerturbSpans,
     RecordError,
@@ -275,6 +276,8 @@ def _transform_columnar(lines: list[bytes], key: str, perturb_spans: PerturbSpan
     if not lines or not _columnar_key(key):
         return None
     blob = b"".join(lines)
+    if len(blob) > COLUMNAR_MAX_BYTES:
+        return None
     try:
         text = blob.decode("utf-8")
         body = blob[:-1] if blob.endswith(b"\n") else blob

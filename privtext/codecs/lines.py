@@ -18,6 +18,10 @@ from privtext.text import ChunkCounters
 # (text, span starts, span ends) -> (new text, new starts, new ends, counters): the text path's
 # in-place perturbation of documents that sit in one buffer (TextPerturber.perturb_spans), which
 # the columnar paths of the line formats use instead of one text per record.
+# A chunk above this many bytes (a record longer than a chunk) takes the per-record path, which
+# perturbs a long document in pieces without the columnar path's whole-chunk copies.
+COLUMNAR_MAX_BYTES = 4 << 20
+
 PerturbSpans = Callable[[str, np.ndarray, np.ndarray], tuple[str, np.ndarray, np.ndarray, ChunkCounters]]
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from privtext.codecs.lines import (
+    COLUMNAR_MAX_BYTES,
     LinesOut,
     PerturbSpans,
     RecordError,
@@ -47,6 +48,8 @@ def transform(lines: list[bytes], first_line: int, path: list[str], on_error: st
 def _transform_columnar(lines: list[bytes], perturb_spans: PerturbSpans) -> LinesOut | None:
     """The chunk as one buffer, each line's text a span; None when it is not valid UTF-8."""
     blob = b"".join(lines)
+    if len(blob) > COLUMNAR_MAX_BYTES:
+        return None
     try:
         text = blob.decode("utf-8")
     except UnicodeDecodeError:

@@ -374,3 +374,22 @@ def test_spans_must_be_ordered_with_gaps(glove_small) -> None:  # type: ignore[n
     for starts, ends in (([0, 3], [3, 5]), ([2, 0], [3, 1]), ([0], [9]), ([1], [0])):
         with pytest.raises(ValueError, match="spans must be"):
             perturber.perturb_spans("the cat", np.array(starts), np.array(ends), np.random.default_rng(0))
+
+
+def test_a_long_span_is_perturbed_in_pieces_like_a_long_document(glove_small) -> None:  # type: ignore[no-untyped-def]
+    from privtext.text import LONG_DOCUMENT_CHARS
+
+    perturber = TextPerturber(glove_small, create("gumbel", glove_small, 300.0, {}))
+    rng = np.random.default_rng(8)
+    words = ["the", "Man", "said", "WORLD", "qzxvbnm", "day", "of"]
+    long_doc = " ".join(rng.choice(words, size=LONG_DOCUMENT_CHARS // 3).tolist())
+    assert len(long_doc) > LONG_DOCUMENT_CHARS
+    docs = ["a short one", long_doc, "", "the end"]
+    text = "[" + "][".join(docs) + "]"
+    starts = np.cumsum([1] + [len(d) + 2 for d in docs[:-1]])
+    ends = starts + [len(d) for d in docs]
+    expected, counts = perturber.perturb_documents(docs, np.random.default_rng(1))
+    new, new_starts, new_ends, counters = perturber.perturb_spans(text, starts, ends, np.random.default_rng(1))
+    assert new == "[" + "][".join(expected) + "]"
+    assert [new[a:b] for a, b in zip(new_starts, new_ends)] == expected
+    assert _counts(counters) == _counts(counts)

@@ -11,8 +11,8 @@ Two samplers:
   the normaliser, since π does not depend on x: metric DP at rate ε. log π(y) at every vocabulary
   word is computed once per (index, h) and cached with the index (n² kernel terms in float64
   blocks, about a minute at 92k words). Sampling uses `FullVocabularySampler` with log π as the
-  log prior: exact envelope rejection with π inside the proposal (inverse CDF over a distance
-  row for frequent words).
+  log prior: exact envelope rejection with π inside the proposal (sorted rows built for the
+  prior for the most frequent words, cluster bounds for the other listed words).
 * `sampler=mh`: the paper's continuous form, density ∝ π(z) · exp(−ε‖z − φ(x)‖) over R^m, by
   Metropolis–Hastings with the §1 Laplace noise around φ(x) as an independence proposal (so the
   acceptance ratio is π(z')/π(z)), starting from a proposal draw; after `chain` steps the

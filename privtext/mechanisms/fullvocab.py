@@ -7,10 +7,13 @@ For an input word x the candidates are the ids y in [lo, hi) and
 
 (log_prior ≡ 0 and clamp = ∞ unless given). Two exact samplers draw it:
 
-* `method="envelope"` (default, `envelope.py`): the neighbour table's exact weights plus
-  rejection from an envelope over the words beyond the table; a few float64 distances per
-  token, no scan of the vocabulary. Tokens that exhaust `max_tries` proposals (rare by design:
-  the cap is hundreds of times the mean) fall back to the scan below, with fresh randomness.
+* `method="envelope"` (default): rejection sampling, a few float64 distances per token, no scan
+  of the vocabulary. The most frequent words (ids < R) from their distance-sorted rows
+  (`sortedrows.py`); the other words with an extended list with per-cluster lower bounds
+  (`clusters.py`); the rest with the table's exact weights plus the envelope over the words
+  beyond it (`envelope.py`). A word with at least SCAN_FROM_COUNT tokens in a chunk is drawn by
+  the scan below. Tokens that exhaust `max_tries` proposals (rare by design: the cap is hundreds
+  of times the mean) fall back to the scan, with fresh randomness.
 * `method="scan"`: a float64 distance row per distinct word, then an inverse-CDF draw:
 
 1. Tokens are grouped by word id: each distinct word's weight row w_x(y) is built once per chunk

@@ -14,8 +14,9 @@ word is replaced the same way with probability p, else kept.
 Sampling: `FullVocabularySampler` (see fullvocab.py and envelope.py) draws exactly this
 categorical distribution without scanning the vocabulary per word: the neighbour table's exact
 weights plus rejection from an envelope that bounds every word beyond the table, a few float64
-distances per token; the most frequent words use an inverse-CDF draw over their float64 weight
-row. No n × n matrix exists at any point (the reference implementation needs 13.5 GB for a 100k
+distances per token; the most frequent words are drawn by rejection from their distance-sorted
+rows (sortedrows.py), the other words with an extended list with cluster bounds (clusters.py).
+No n × n matrix exists at any point (the reference implementation needs 13.5 GB for a 100k
 vocabulary). The keep/replace coin of SanText+ uses its own open uniform per token.
 """
 
@@ -175,8 +176,8 @@ class SanTextMechanism(Mechanism):
     def derived(self) -> dict[str, Any]:
         p: SanTextParams = self.params  # type: ignore[assignment]
         out: dict[str, Any] = {"exponent_scale": self.epsilon / 2.0,
-                               "sampler": "exact: table weights + envelope rejection (inverse CDF "
-                                          "over a distance row for frequent words)"}
+                               "sampler": "exact: rejection from sorted rows (frequent words), "
+                                          "cluster bounds (listed words) or table-radius bins"}
         if p.plus:
             out.update({
                 "sensitive_fraction_w": p.sensitive_fraction,

@@ -5,7 +5,8 @@ most of a corpus's tokens. Target, over the ids [lo, hi):
 
     P[y | x] ∝ w(y) = π(y)·exp(−s·min(d(x, y), c))        (π normalised to max 1, 0 outside)
 
-The artifact, built once per index and independent of ε, the clamp and the prior: for each x < R,
+The artifact, built once per index and independent of ε and the clamp (and, in its prior-free
+form, of the prior): for each x < R,
 every id of the vocabulary sorted by its (float64, augmented-matrix) squared distance to x, and
 the row cut into bins of consecutive positions (a cut every 64 positions and wherever the
 distance crosses a multiple of 0.05). Each bin j carries ℓ_j, a certified lower bound on d(x, y)

@@ -24,7 +24,7 @@ Two exact samplers, chosen per token:
   over the whole vocabulary exactly, never over a silently smaller set: the weight min(d, γ)
   already holds ⊥'s mass spread over the complement, so one draw samples "⊥ then uniform
   complement" and the L_x words in a single step, the same distribution as above (table weights
-  plus envelope rejection, see envelope.py; a float64 distance row for frequent words).
+  plus envelope rejection, see envelope.py; sorted rows and cluster bounds for frequent words).
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class TruncatedExponentialMechanism(Mechanism):
             "gamma": self.gamma,
             "beta": self.params.beta,  # type: ignore[attr-defined]
             "words_whose_L_x_fits_the_table": float(fits.mean()),
-            "wide_sampler": "exact: table weights + envelope rejection (distance rows for frequent words)",
+            "wide_sampler": "exact: rejection from sorted rows, cluster bounds or table-radius bins",
         }
 
     def prepare(self) -> None:

@@ -152,6 +152,7 @@ def in_process(index: Any, chunks: int, repeat: int, only: list[str] | None, chu
               f"{later:,.0f} words/CPU-s", flush=True)
         rows = getattr(sampler, "sorted", None)
         clustered = getattr(sampler, "clustered", None)
+        clustered_table = getattr(sampler, "clustered_table", None)
         rates = []
         for _ in range(repeat):
             env.proposals = env.tokens = 0  # diagnostic counters (absent before this change)
@@ -159,6 +160,8 @@ def in_process(index: Any, chunks: int, repeat: int, only: list[str] | None, chu
                 rows.proposals = rows.tokens = 0
             if clustered is not None:
                 clustered.proposals = clustered.tokens = 0
+            if clustered_table is not None:
+                clustered_table.proposals = clustered_table.tokens = 0
             start = time.process_time()
             for c, part in enumerate(parts):
                 mech.perturb_ids(part, chunk_rng(12345, 0, c))
@@ -167,6 +170,9 @@ def in_process(index: Any, chunks: int, repeat: int, only: list[str] | None, chu
         if clustered is not None:
             print(f"{'':<10}cluster-bounded words: {clustered.tokens:,} tokens, "
                   f"{clustered.proposals / max(clustered.tokens, 1):.2f} proposals/token")
+        if clustered_table is not None:
+            print(f"{'':<10}cluster-bounded words with table rows: {clustered_table.tokens:,} tokens, "
+                  f"{clustered_table.proposals / max(clustered_table.tokens, 1):.2f} proposals/token")
         row_tokens = rows.tokens if rows is not None else 0
         row_rate = rows.proposals / rows.tokens if row_tokens else float("nan")
         print(f"{label:<10}{epsilon:>5g}{max(rates):>18,.0f}{float(np.median(rates)):>11,.0f}"

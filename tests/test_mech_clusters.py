@@ -24,7 +24,16 @@ def clustered(index, scale: float, **kwargs) -> FullVocabularySampler:  # type: 
     """No scan, no sorted rows: words < 50 by the cluster-bounded envelope, the rest by the
     κ-envelope."""
     return FullVocabularySampler(index, scale, cache_bytes=0, scan_from_count=1 << 62, sorted_words=0,
-                                 extended_words=LISTED, extended_width=12, clusters=8, **kwargs)
+                                 extended_words=LISTED, extended_width=12, clusters=8, table_clusters=0,
+                                 **kwargs)
+
+
+def table_mode(index, scale: float, **kwargs) -> FullVocabularySampler:  # type: ignore[no-untyped-def]
+    """Every word by the cluster bounds with its 3-word table row as the exact list (the mode
+    for words beyond the extended lists), over 8 clusters."""
+    return FullVocabularySampler(index, scale, cache_bytes=0, scan_from_count=1 << 62, sorted_words=0,
+                                 extended_words=0, clusters=0, table_clusters=8, table_cluster_words=N,
+                                 **kwargs)
 
 
 CASES = {  # (scale = ε/2, sampler options)
@@ -54,6 +63,24 @@ def test_cluster_bounded_draws_match_the_closed_form(index_factory, case: str) -
         assert (~(lists[ids[has]] == out[has, None]).any(axis=1)).mean() > 0.5
     # Power: the same test rejects draws made at a 30% larger ε.
     wrong = clustered(idx, scale * 1.3, **kwargs).sample(ids, np.random.default_rng(1))
+    assert pooled_chi_square_pvalue(ids, wrong, expected) < 1e-6
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_table_rows_with_cluster_bounds_match_the_closed_form(index_factory, case: str) -> None:  # type: ignore[no-untyped-def]
+    scale, kwargs = CASES[case]
+    idx = index_factory(vocabulary(), neighbors=3)
+    v = np.asarray(idx.vectors, np.float64)
+    ids = np.repeat(np.arange(N), 1500)
+    sampler = table_mode(idx, scale, **kwargs)
+    out = sampler.sample(ids, np.random.default_rng(2))
+    assert sampler.clustered_table.tokens == len(ids) and sampler.envelope.tokens == 0
+    expected = closed_form(v, scale, kwargs.get("lo", 0), kwargs.get("clamp"), kwargs.get("log_prior"))
+    assert pooled_chi_square_pvalue(ids, out, expected) > 1e-3
+    if scale < 1:  # mostly beyond the 3-word tables
+        table = np.asarray(idx.neighbor_ids)
+        assert (~(table[ids] == out[:, None]).any(axis=1)).mean() > 0.8
+    wrong = table_mode(idx, scale * 1.3, **kwargs).sample(ids, np.random.default_rng(2))
     assert pooled_chi_square_pvalue(ids, wrong, expected) < 1e-6
 
 
@@ -114,3 +141,29 @@ def test_listed_word_on_the_real_embedding(glove_small) -> None:  # type: ignore
     wrong.sampler.cache_words, wrong.sampler.scan_from_count = 0, 1 << 62  # type: ignore[attr-defined]
     assert chi_square_pvalue(wrong.perturb_ids(ids, np.random.default_rng(14)), expected,
                              min_expected=20.0) < 1e-6
+
+
+def test_bounds_from_a_first_word_are_the_same_rows(glove_small) -> None:  # type: ignore[no-untyped-def]
+    packed = build_clusters(glove_small, 40)
+    np.testing.assert_array_equal(build_cluster_bounds(glove_small, 40, packed, start=25),
+                                  build_cluster_bounds(glove_small, 40, packed)[25:])
+
+
+def test_table_mode_on_the_real_embedding(glove_small) -> None:  # type: ignore[no-untyped-def]
+    """A rare word with only its table row as exact list and cluster bounds beyond it (the mode
+    for ranks past the extended lists), santext-like at ε = 1 on real vectors."""
+    x = 1500
+
+    def sampler(scale: float) -> FullVocabularySampler:
+        return FullVocabularySampler(glove_small, scale, cache_bytes=0, scan_from_count=1 << 62,
+                                     sorted_words=0, extended_words=0, clusters=0, table_clusters=64,
+                                     table_cluster_words=glove_small.n)
+
+    right = sampler(0.5)
+    expected = right.probabilities(x)
+    ids = np.full(40_000, x)
+    out = right.sample(ids, np.random.default_rng(15))
+    assert right.clustered_table.tokens == len(ids)
+    assert chi_square_pvalue(out, expected, min_expected=20.0) > 1e-3
+    wrong = sampler(0.65).sample(ids, np.random.default_rng(15))
+    assert chi_square_pvalue(wrong, expected, min_expected=20.0) < 1e-6

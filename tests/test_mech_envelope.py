@@ -40,7 +40,7 @@ def envelope_only(index, scale: float, **kwargs) -> FullVocabularySampler:  # ty
     no cluster bounds, no extended lists unless asked)."""
     kwargs.setdefault("extended_words", 0)
     return FullVocabularySampler(index, scale, cache_bytes=0, scan_from_count=1 << 62, sorted_words=0,
-                                 clusters=0, **kwargs)
+                                 clusters=0, table_clusters=0, **kwargs)
 
 
 # Extended lists for the first 50 of the 80 words: both groups of words occur in every test.
@@ -190,7 +190,7 @@ def test_scan_and_envelope_words_in_one_chunk(index_factory) -> None:  # type: i
     idx = index_factory(vocabulary(), neighbors=3)
     v = np.asarray(idx.vectors, np.float64)
     sampler = FullVocabularySampler(idx, 0.5, cache_bytes=0, scan_from_count=1000, sorted_words=0,
-                                    clusters=0)
+                                    clusters=0, table_clusters=0)
     heavy = np.repeat(np.arange(10), 3000)
     light = np.tile(np.arange(10, N), 900)  # 900 tokens each: below the scan threshold
     ids = np.concatenate([heavy, light])
@@ -255,7 +255,8 @@ def test_extended_lists_on_the_real_embedding(glove_small) -> None:  # type: ign
 
     def sampler(scale: float) -> FullVocabularySampler:
         return FullVocabularySampler(glove_small, scale, cache_bytes=0, scan_from_count=1 << 62,
-                                     extended_words=100, extended_width=200, sorted_words=0, clusters=0)
+                                     extended_words=100, extended_width=200, sorted_words=0, clusters=0,
+                                     table_clusters=0)
 
     right = sampler(0.5)
     expected = right.probabilities(x)

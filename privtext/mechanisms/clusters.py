@@ -57,6 +57,10 @@ from privtext.mechanisms.sampling import open_uniform
 CLUSTERS_ARTIFACT = "vocabulary-clusters"
 CLUSTER_BOUNDS_ARTIFACT = "cluster-lower-bounds"
 DEFAULT_CLUSTERS = 1024
+# Words beyond the extended lists, up to this rank, get cluster bounds too (with their table
+# rows as exact lists), over fewer clusters: 1 KB of bounds per word.
+DEFAULT_TABLE_CLUSTERS = 256
+DEFAULT_TABLE_CLUSTER_WORDS = 32768
 _KMEANS_ROUNDS = 8
 _BUILD_BATCH = 64
 _REL = 1e-9
@@ -95,9 +99,10 @@ def build_clusters(index: EmbeddingIndex, clusters: int) -> np.ndarray:
     return np.concatenate([offsets, members])
 
 
-def build_cluster_bounds(index: EmbeddingIndex, words: int, packed: np.ndarray) -> np.ndarray:
-    """λ (float32, (W, C')): for x < W, a certified lower bound on d(x, y) for y in each cluster
-    (computed in float64, then rounded down to float32: half the memory, still a lower bound)."""
+def build_cluster_bounds(index: EmbeddingIndex, words: int, packed: np.ndarray, start: int = 0) -> np.ndarray:
+    """λ (float32, (W − start, C')): for start ≤ x < W, a certified lower bound on d(x, y) for y in
+    each cluster (computed in float64, then rounded down to float32: half the memory, still a
+    lower bound)."""
     from privtext.mechanisms.fullvocab import augmented_vectors, squared_distances
 
     n = index.n
@@ -106,8 +111,8 @@ def build_cluster_bounds(index: EmbeddingIndex, words: int, packed: np.ndarray) 
     aug = augmented_vectors(index)
     radius2 = float(np.max(aug[-1]))
     slack = 4.0 * (index.dim + 2) * 2.0**-53 * 1.001 * 4.0 * radius2
-    out = np.empty((words, count), dtype=np.float32)
-    for a in range(0, words, _BUILD_BATCH):
+    out = np.empty((words - start, count), dtype=np.float32)
+    for a in range(start, words, _BUILD_BATCH):
         batch = np.arange(a, min(a + _BUILD_BATCH, words))
         d2 = squared_distances(aug, batch, 0, n)[:, members]
         low = np.minimum.reduceat(d2, offsets[:-1], axis=1)
@@ -115,7 +120,7 @@ def build_cluster_bounds(index: EmbeddingIndex, words: int, packed: np.ndarray) 
         narrow = bound.astype(np.float32)
         up = narrow.astype(np.float64) > bound  # rounded up: step down to the float32 below
         narrow[up] = np.nextafter(narrow[up], np.float32(-np.inf))
-        out[batch] = narrow
+        out[batch - start] = narrow
     return out
 
 
@@ -128,12 +133,20 @@ class ClusterEnvelope:
     """Rejection sampler for the words with an extended list (module docstring); it shares the
     extended lists and their cached weights with `envelope`."""
 
-    def __init__(self, envelope: EnvelopeSampler, *, first: int, clusters: int = DEFAULT_CLUSTERS):
+    def __init__(self, envelope: EnvelopeSampler, *, first: int, clusters: int = DEFAULT_CLUSTERS,
+                 last: int | None = None):
+        """Serves the words in [first, W) with their extended lists as exact lists; with `last`,
+        the words in [first, last) with their table rows as exact lists (N_x = T_x, r_x = κ_x,
+        reach d_K(x)), for words beyond the extended lists."""
         self.envelope = envelope
         self.index = envelope.index
-        self.first = int(first)  # words in [first, W) are served here
-        self.words = envelope.ext_words
+        self.first = int(first)
+        self.listed = last is None
+        self.words = envelope.ext_words if last is None else min(int(last), self.index.n)
         self.clusters = cluster_count(self.index, clusters) if clusters > 0 and self.words > self.first else 0
+        # λ rows: from word 0 for the listed words (that artifact predates the table mode), from
+        # `first` for the table mode.
+        self.lam_start = 0 if self.listed else self.first
         self._ready = False
         self.proposals = 0  # diagnostics of this process
         self.tokens = 0
@@ -147,11 +160,13 @@ class ClusterEnvelope:
                                            lambda ix: build_clusters(ix, c))
 
     def _bounds(self) -> np.ndarray:
-        words, c = self.words, self.clusters
+        words, c, start = self.words, self.clusters, self.lam_start
         packed = self._packed()
+        params = {"version": 2, "clusters": c, "words": words}
+        if start:
+            params["start"] = start
         return self.index.derived_artifact(
-            CLUSTER_BOUNDS_ARTIFACT, {"version": 2, "clusters": c, "words": words},
-            lambda ix: build_cluster_bounds(ix, words, np.asarray(packed)))
+            CLUSTER_BOUNDS_ARTIFACT, params, lambda ix: build_cluster_bounds(ix, words, np.asarray(packed), start))
 
     def prepare(self) -> None:
         if self.clusters:
@@ -186,6 +201,8 @@ class ClusterEnvelope:
         self._cum = np.zeros((self.words, count + 1))  # lazily filled rows: per-word part masses
         self._guide = np.zeros((self.words, GUIDE_CELLS), dtype=np.int16)  # and their guide tables
         self._have = np.zeros(self.words, dtype=bool)
+        if not self.listed:  # the table rows' cumulative weights (lazily filled rows)
+            self._table_cum = np.zeros((self.words, self.index.neighbors))
         self._ready = True
 
     def _parts(self, words: np.ndarray) -> None:
@@ -195,9 +212,14 @@ class ClusterEnvelope:
         s, c = env.scale, env.clamp
         for a in range(0, len(missing), 256):
             batch = missing[a : a + 256]
-            _, _, a_table = env._extended_weights(batch)
-            radius = np.maximum(np.asarray(env.ext_dist[batch, env.ext_width]), env.kappa[batch])
-            bound = np.maximum(np.asarray(self.lam[batch], dtype=np.float64), radius[:, None])
+            if self.listed:
+                _, _, a_table = env._extended_weights(batch)
+            else:
+                rows = np.asarray(env.table[batch], dtype=np.int64)
+                cum, a_table = env._list_weights(rows, np.asarray(env.table_dist[batch]))
+                self._table_cum[batch] = cum
+            radius = self._radius(batch)
+            bound = np.maximum(np.asarray(self.lam[batch - self.lam_start], dtype=np.float64), radius[:, None])
             parts = np.empty((len(batch), self._cum.shape[1]))
             parts[:, 0] = a_table
             parts[:, 1:] = self.log_mass[None, :] - s * np.minimum(bound, c)
@@ -208,6 +230,20 @@ class ClusterEnvelope:
             self._cum[batch] = parts
             self._guide[batch] = guide_table(parts)
             self._have[batch] = True
+
+    def _radius(self, x: np.ndarray) -> np.ndarray:
+        """r_x: every word outside x's exact list is at least this far (envelope.py)."""
+        env = self.envelope
+        if self.listed:
+            return np.maximum(np.asarray(env.ext_dist[x, env.ext_width]), env.kappa[x])
+        return env.kappa[x]
+
+    def _reach(self, x: np.ndarray) -> np.ndarray:
+        """The largest distance in x's exact list: no farther word is in it."""
+        env = self.envelope
+        if self.listed:
+            return np.asarray(env.ext_dist[x, env.ext_width + 1])
+        return env.d_k[x]
 
     def sample(self, ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(outputs, done): outputs[i] is valid where done[i]; the others exhausted max_tries
@@ -221,9 +257,14 @@ class ClusterEnvelope:
         self.tokens += len(ids)
         self._parts(np.unique(ids))
         env = self.envelope
-        # The extended lists as the exact part (rows and weights indexed by word id).
-        self._terms = {"rows": env.ext_ids, "cum": env._ext_cum, "list_row": np.arange(self.words),
-                       "sorted": np.array(True)}
+        # The exact lists (rows and weights indexed by word id): extended lists (sorted by id) or
+        # table rows (sorted by distance).
+        if self.listed:
+            self._terms = {"rows": env.ext_ids, "cum": env._ext_cum, "list_row": np.arange(self.words),
+                           "sorted": np.array(True)}
+        else:
+            self._terms = {"rows": env.table, "cum": self._table_cum, "list_row": np.arange(self.words),
+                           "sorted": np.array(False)}
         max_tries = env.max_tries
         pending = np.arange(len(ids))
         tries = 0
@@ -272,12 +313,12 @@ class ClusterEnvelope:
         diff = self.vectors.take(y[sel], axis=0).astype(np.float64)  # float64, as in envelope.py
         diff -= self.vectors.take(xs, axis=0)
         dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-        radius = np.maximum(np.asarray(env.ext_dist[xs, env.ext_width]), env.kappa[xs])
-        bound = np.maximum(np.asarray(self.lam[xs, q], dtype=np.float64), radius)
+        radius = self._radius(xs)
+        bound = np.maximum(np.asarray(self.lam[xs - self.lam_start, q], dtype=np.float64), radius)
         ok = expo[sel] > s * (np.minimum(dist, c) - np.minimum(bound, c))
         # A word of N_x proposed by a cluster is rejected; only words within the list's reach
         # can be in it.
-        reach = np.asarray(env.ext_dist[xs, env.ext_width + 1])
+        reach = self._reach(xs)
         near = np.flatnonzero(ok & (dist <= reach * (1.0 + _REL)))
         if len(near):
             ok[near] = ~EnvelopeSampler._in_list(self._terms, xs[near], y[sel][near])

@@ -46,7 +46,12 @@ import math
 import numpy as np
 
 from privtext.index import EmbeddingIndex
-from privtext.mechanisms.clusters import DEFAULT_CLUSTERS, ClusterEnvelope
+from privtext.mechanisms.clusters import (
+    DEFAULT_CLUSTERS,
+    DEFAULT_TABLE_CLUSTER_WORDS,
+    DEFAULT_TABLE_CLUSTERS,
+    ClusterEnvelope,
+)
 from privtext.mechanisms.envelope import (
     DEFAULT_EXTENDED_WORDS,
     DEFAULT_MAX_TRIES,
@@ -137,7 +142,9 @@ class FullVocabularySampler:
                  cache_bytes: int = DEFAULT_CACHE_BYTES, method: str = "envelope",
                  max_tries: int = DEFAULT_MAX_TRIES, scan_from_count: int = SCAN_FROM_COUNT,
                  extended_words: int = DEFAULT_EXTENDED_WORDS, extended_width: int | None = None,
-                 sorted_words: int | None = None, clusters: int = DEFAULT_CLUSTERS):
+                 sorted_words: int | None = None, clusters: int = DEFAULT_CLUSTERS,
+                 table_clusters: int = DEFAULT_TABLE_CLUSTERS,
+                 table_cluster_words: int = DEFAULT_TABLE_CLUSTER_WORDS):
         self.index = index
         self.scale = float(scale)
         self.lo = int(lo)
@@ -181,6 +188,10 @@ class FullVocabularySampler:
         # Words with an extended list beyond the sorted rows: tail bounded by clusters.
         self.clustered = ClusterEnvelope(env, first=self.sorted.words,
                                          clusters=clusters if method == "envelope" else 0)
+        # The next words (up to rank table_cluster_words) with their table rows as exact lists.
+        self.clustered_table = ClusterEnvelope(
+            env, first=max(env.ext_words, self.sorted.words), last=table_cluster_words,
+            clusters=table_clusters if method == "envelope" and not env.whole_table else 0)
         self.fallbacks = 0  # tokens that exhausted max_tries in this process (diagnostic count)
 
     def prepare(self) -> None:
@@ -189,6 +200,7 @@ class FullVocabularySampler:
             self.envelope.prepare()
             self.sorted.prepare()
             self.clustered.prepare()
+            self.clustered_table.prepare()
 
     @property
     def aug(self) -> np.ndarray:
@@ -317,7 +329,13 @@ class FullVocabularySampler:
             drawn, done = self.clustered.sample(ids[cluster_tok], rng)
             out[cluster_tok] = drawn
             rest_parts.append(cluster_tok[~done])
-        light = np.flatnonzero(~(by_rows | heavy_word | by_clusters)[inverse])
+        by_table_clusters = ~by_rows & ~heavy_word & ~by_clusters & self.clustered_table.serves(words)
+        table_tok = np.flatnonzero(by_table_clusters[inverse])
+        if len(table_tok):
+            drawn, done = self.clustered_table.sample(ids[table_tok], rng)
+            out[table_tok] = drawn
+            rest_parts.append(table_tok[~done])
+        light = np.flatnonzero(~(by_rows | heavy_word | by_clusters | by_table_clusters)[inverse])
         if len(light):
             drawn, done = self.envelope.sample(ids[light], rng)
             out[light] = drawn

@@ -199,7 +199,9 @@ class ClusterEnvelope:
             self._local_steps = max(1, math.ceil(math.log2(int(self.size.max()))) + 1)
         self.vectors = env.vectors
         self._cum = np.zeros((self.words, count + 1))  # lazily filled rows: per-word part masses
-        self._guide = np.zeros((self.words, GUIDE_CELLS), dtype=np.int16)  # and their guide tables
+        # ... and their guide tables: about one cell per column (a power of two, at most 1024)
+        self._cells = min(GUIDE_CELLS, 1 << max(0, (count - 1).bit_length()))
+        self._guide = np.zeros((self.words, self._cells), dtype=np.int16)
         self._have = np.zeros(self.words, dtype=bool)
         if not self.listed:  # the table rows' cumulative weights (lazily filled rows)
             self._table_cum = np.zeros((self.words, self.index.neighbors))
@@ -228,7 +230,7 @@ class ClusterEnvelope:
             np.cumsum(parts, axis=1, out=parts)
             parts /= parts[:, -1:]
             self._cum[batch] = parts
-            self._guide[batch] = guide_table(parts)
+            self._guide[batch] = guide_table(parts, self._cells)
             self._have[batch] = True
 
     def _radius(self, x: np.ndarray) -> np.ndarray:

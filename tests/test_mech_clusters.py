@@ -167,3 +167,27 @@ def test_table_mode_on_the_real_embedding(glove_small) -> None:  # type: ignore[
     assert chi_square_pvalue(out, expected, min_expected=20.0) > 1e-3
     wrong = sampler(0.65).sample(ids, np.random.default_rng(15))
     assert chi_square_pvalue(wrong, expected, min_expected=20.0) < 1e-6
+
+
+def test_every_path_in_one_shuffled_chunk(index_factory) -> None:  # type: ignore[no-untyped-def]
+    """One call mixing all five paths (sorted rows 0–9, listed clusters 10–29, table-row clusters
+    30–54, the d_K envelope 55–79, a scan row for word 60's burst) on shuffled tokens: each output
+    belongs to its own token and the whole follows the closed form; 30% wrong ε is rejected."""
+    idx = index_factory(vocabulary(), neighbors=3)
+    v = np.asarray(idx.vectors, np.float64)
+
+    def sampler(scale: float) -> FullVocabularySampler:
+        return FullVocabularySampler(idx, scale, cache_bytes=0, scan_from_count=3000, sorted_words=10,
+                                     extended_words=30, extended_width=12, clusters=6, table_clusters=6,
+                                     table_cluster_words=55)
+
+    ids = np.concatenate([np.repeat(np.arange(N), 1200), np.full(2500, 60)])
+    ids = ids[np.random.default_rng(8).permutation(len(ids))]
+    right = sampler(0.4)
+    out = right.sample(ids, np.random.default_rng(9))
+    assert right.sorted.tokens == 10 * 1200 and right.clustered.tokens == 20 * 1200
+    assert right.clustered_table.tokens == 25 * 1200 and right.envelope.tokens == 24 * 1200
+    expected = closed_form(v, 0.4)
+    assert pooled_chi_square_pvalue(ids, out, expected) > 1e-3
+    wrong = sampler(0.4 * 1.3).sample(ids, np.random.default_rng(9))
+    assert pooled_chi_square_pvalue(ids, wrong, expected) < 1e-6

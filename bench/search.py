@@ -61,7 +61,7 @@ def main() -> None:
     faiss.omp_set_num_threads(1)
     from privtext.embeddings import EmbeddingSource
     from privtext.index import IndexSpec, ensure_index
-    from privtext.mechanisms import create, nearest
+    from privtext.mechanisms import amx_search, create, nearest
 
     index = ensure_index(IndexSpec(EmbeddingSource(), args.vocab_size, 64), None, progress=False).index
     load = os.getloadavg()
@@ -82,8 +82,10 @@ def main() -> None:
     print(f"\n{'mechanism':<12} {'ε':>5} {'method':<14} {'queries/CPU-s':>14}  notes", flush=True)
     for epsilon in args.epsilon:
         for name in args.mechanisms.split(","):
-            cases: list[tuple[str, dict[str, Any], str, np.ndarray]] = [
-                ("threshold", {}, "threshold", exact_ids)]
+            cases: list[tuple[str, dict[str, Any], str, np.ndarray]] = []
+            if amx_search.available():
+                cases.append(("amx (bf16)", {}, "amx", exact_ids))
+            cases.append(("threshold", {}, "threshold", exact_ids))
             if not args.skip_old:
                 cases.append(("faiss (old)", {}, "faiss", exact_ids))
             cases.append(("hnsw", {"search": "hnsw"}, "sorted", hnsw_ids))
@@ -92,14 +94,14 @@ def main() -> None:
             for label, params, method, ids in cases:
                 mechanism = create(name, index, epsilon, dict(params))
                 mechanism.prepare()
-                nearest.EXACT_METHOD = "faiss" if method == "faiss" else "threshold"
+                nearest.EXACT_METHOD = method if method in ("amx", "faiss") else "threshold"
                 module = __import__(f"privtext.mechanisms.{name}", fromlist=["nearest_words"])
                 module.nearest_words = unsorted_hnsw if method == "unsorted" else original_nearest
                 try:
                     mechanism.perturb_ids(ids[:2000], np.random.default_rng(99))  # warm caches
                     seconds = _timed(mechanism, ids, args.chunk, args.repeat)
                 finally:
-                    nearest.EXACT_METHOD = "threshold"
+                    nearest.EXACT_METHOD = "auto"
                     module.nearest_words = original_nearest
                 note = ""
                 if params.get("search") == "hnsw" and method == "sorted":

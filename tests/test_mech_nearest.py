@@ -3,11 +3,13 @@ near-ties that float32 cannot decide, and the approximate HNSW option with its r
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from privtext.errors import ParameterError
-from privtext.mechanisms import create
+from privtext.mechanisms import amx_search, create
 from privtext.mechanisms import nearest as nearest_mod
 from privtext.mechanisms.laplace import laplace_noise
 from privtext.mechanisms.nearest import measure_recall, nearest_words
@@ -37,22 +39,67 @@ def test_exact_search_is_the_float64_brute_force(glove_small, epsilon: float, k:
     np.testing.assert_allclose(dist, want_dist, rtol=1e-12)
 
 
+def require_amx() -> None:
+    """Skip where the CPU or the install has no AMX kernel, unless CI says it must be there
+    (PRIVTEXT_REQUIRE_AMX=1, set by .ci/run on the machines that have it)."""
+    if not amx_search.available():
+        if os.environ.get("PRIVTEXT_REQUIRE_AMX") == "1":
+            pytest.fail("the AMX kernel is not available (compiled at install? AMX-BF16 CPU?)")
+        pytest.skip("no AMX-BF16 on this CPU, or the kernel was not compiled at install")
+
+
+@pytest.fixture(params=["amx", "threshold"])
+def exact_method(request, monkeypatch) -> str:  # type: ignore[no-untyped-def]
+    """Both implementations of the threshold search: the bf16 AMX kernel and numpy float32."""
+    if request.param == "amx":
+        require_amx()
+    monkeypatch.setattr(nearest_mod, "EXACT_METHOD", request.param)
+    return str(request.param)
+
+
 @pytest.fixture
 def small_tiles(monkeypatch):  # type: ignore[no-untyped-def]
     """Tiles far smaller than the defaults, so a 2,000-word index spans many word tiles and a
-    few hundred points many query tiles (the tightening of U crosses tile boundaries)."""
+    few hundred points many query tiles (the tightening of U crosses tile boundaries); for the
+    AMX kernel, passes of 32 words and calls of 70 queries (a partial group of 32)."""
     monkeypatch.setattr(nearest_mod, "_TILE_QUERIES", 37)
     monkeypatch.setattr(nearest_mod, "_TILE_WORDS", 128)
+    monkeypatch.setattr(amx_search, "_CHUNK_BLOCKS", 2)
+    monkeypatch.setattr(amx_search, "_BATCH", 70)
+
+
+def test_auto_picks_the_kernel_where_it_runs() -> None:
+    assert nearest_mod.EXACT_METHOD == "auto"
+    assert nearest_mod.exact_method() == ("amx" if amx_search.available() else "threshold")
+
+
+def test_the_kernel_can_be_switched_off(glove_small, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """PRIVTEXT_AMX=off (or a CPU without AMX, or no compiled kernel): the numpy path answers,
+    with the same ids."""
+    rng = np.random.default_rng(21)
+    v = np.asarray(glove_small.vectors, np.float64)
+    anchors = rng.integers(0, glove_small.n, 300)
+    noisy = v[anchors] + laplace_noise(rng, len(anchors), glove_small.dim, 10.0)
+    default, _ = nearest_words(glove_small, noisy, anchors, k=2)
+    monkeypatch.setenv(amx_search.DISABLE_ENV, "off")
+    amx_search.reset()
+    try:
+        assert not amx_search.available()
+        assert nearest_mod.exact_method() == "threshold"
+        fallback, _ = nearest_words(glove_small, noisy, anchors, k=2)
+    finally:
+        monkeypatch.delenv(amx_search.DISABLE_ENV)
+        amx_search.reset()
+    np.testing.assert_array_equal(default, fallback)
 
 
 @pytest.mark.parametrize("epsilon", [0.5, 2.0, 5.0, 10.0, 30.0, 100.0])
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_threshold_search_is_the_float64_brute_force(glove_small, small_tiles, epsilon: float,
-                                                     k: int) -> None:  # type: ignore[no-untyped-def]
-    """The default exact method against a float64 scan, over ε from far-away points (most of the
-    vocabulary within the first radius) to points next to their word, with Zipf anchors as in
-    running text and uniform ones."""
-    assert nearest_mod.EXACT_METHOD == "threshold"
+def test_threshold_search_is_the_float64_brute_force(glove_small, small_tiles, exact_method: str,
+                                                     epsilon: float, k: int) -> None:  # type: ignore[no-untyped-def]
+    """Both threshold searches against a float64 scan, over ε from far-away points (most of
+    the vocabulary within the first radius) to points next to their word, with Zipf anchors as
+    in running text and uniform ones."""
     rng = np.random.default_rng(int(epsilon * 10) + k)
     v = np.asarray(glove_small.vectors, np.float64)
     ranks = 1.0 / np.arange(1, glove_small.n + 1)
@@ -66,7 +113,8 @@ def test_threshold_search_is_the_float64_brute_force(glove_small, small_tiles, e
 
 
 @pytest.mark.parametrize("k", [1, 2])
-def test_threshold_search_decides_exact_and_near_ties(glove_small, small_tiles, k: int) -> None:  # type: ignore[no-untyped-def]
+def test_threshold_search_decides_exact_and_near_ties(glove_small, small_tiles, exact_method: str,
+                                                      k: int) -> None:  # type: ignore[no-untyped-def]
     """Adversarial points: word vectors themselves (distance 0), points a float32 rounding step
     from halfway between two words (1e-9 and 1e-12 apart, below float32 resolution), points
     equidistant in float64 from two words by symmetry, all from unrelated anchors."""
@@ -91,6 +139,7 @@ def test_threshold_search_decides_exact_and_near_ties(glove_small, small_tiles, 
 
 
 def test_points_with_too_many_candidates_go_to_the_faiss_certificate(glove_small, small_tiles,
+                                                                    exact_method: str,
                                                                     monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Beyond CANDIDATE_CAP collected words a point leaves the threshold search for the FAISS
     certificate (and its float64 scan): the answer is still the brute force's."""
@@ -184,7 +233,8 @@ def test_many_near_ties_fall_back_to_the_float64_scan(index_factory, monkeypatch
     assert calls["scan"] > 0
 
 
-def test_many_near_ties_in_the_threshold_search(index_factory, small_tiles) -> None:  # type: ignore[no-untyped-def]
+def test_many_near_ties_in_the_threshold_search(index_factory, small_tiles,
+                                                exact_method: str) -> None:  # type: ignore[no-untyped-def]
     """The same sphere of 200 words around a point, searched by the default method: all of them
     fall inside the collection radius, and float64 decides among them."""
     idx, v, centre = _sphere_of_ties(index_factory)

@@ -53,10 +53,13 @@ _FAISS_FAST_BATCH = 4096
 _FAISS_PAD_FROM = 1100
 EXTRA = 1  # candidates beyond k in the first float32 search (the certificate needs one)
 WIDE = 64  # candidates in the second search, for the few near-ties of the first
-# The exact search: "threshold" (a per-query collection radius from the table, see
-# `_threshold_search`) or "faiss" (the former FAISS flat top-k certificate, still the fallback;
-# bench/search.py selects it to measure the difference).
-EXACT_METHOD = "threshold"
+# The exact search: "auto" ("amx" where the CPU and the compiled kernel allow it, else
+# "threshold"), "amx" (the threshold search's collection in bf16 on AMX tiles, see
+# `amx_search`), "threshold" (a per-query collection radius from the table, in numpy float32
+# tiles, see `_threshold_search`) or "faiss" (the former FAISS flat top-k certificate, still the
+# fallback for points with too many candidates). All four give the same answer; bench/search.py
+# selects them to measure the difference.
+EXACT_METHOD = "auto"
 TABLE_PROBE = 16
 CANDIDATE_CAP = 512
 # k ≥ 2: FAISS's certificate when the median noise radius exceeds this many K-th table distances
@@ -185,17 +188,45 @@ def nearest_words(index: EmbeddingIndex, noisy: np.ndarray, anchors: np.ndarray,
     rest = np.concatenate(todo)
     if not len(rest):
         return out_ids, out_dist
-    if EXACT_METHOD == "faiss" or _threshold_is_slower(index, radius[rest], k):
+    method = exact_method()
+    if method == "faiss" or (method == "threshold" and _threshold_is_slower(index, radius[rest], k)):
         ids, dist = _certified_search(index, noisy[rest], k)
     else:
         unknown = rest[start_ids[rest, 0] < 0]
         start_ids[unknown], start_dist[unknown] = _probe(index, noisy[unknown], anchors[unknown], k)
-        ids, dist, over = _threshold_search(index, noisy[rest], start_ids[rest], start_dist[rest], k)
+        search = _amx_threshold_search if method == "amx" else _threshold_search
+        ids, dist, over = search(index, noisy[rest], start_ids[rest], start_dist[rest], k)
         if over.any():
             ids[over], dist[over] = _certified_search(index, noisy[rest[over]], k)
     out_ids[rest] = ids
     out_dist[rest] = dist
     return out_ids, out_dist
+
+
+def exact_method() -> str:
+    """The exact method in use: `EXACT_METHOD`, with "auto" resolved ("amx" when the kernel
+    loads and this CPU runs AMX-BF16, else "threshold")."""
+    if EXACT_METHOD != "auto":
+        return EXACT_METHOD
+    from privtext.mechanisms import amx_search
+
+    return "amx" if amx_search.available() else "threshold"
+
+
+def _amx_threshold_search(index: EmbeddingIndex, noisy: np.ndarray, start_ids: np.ndarray,
+                          start_dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_threshold_search` with its collection done by the bf16 AMX kernel (proof in
+    `amx_search`): the same inputs, the same answer, the same `CANDIDATE_CAP` mask."""
+    from privtext.mechanisms import amx_search
+
+    cand_q, cand_w, over = amx_search.collect(index, noisy, start_ids, start_dist, k, CANDIDATE_CAP)
+    best_ids = start_ids.copy()
+    best_dist = start_dist.copy()
+    group = np.arange(len(noisy))
+    for lo in range(0, len(cand_q), _PAIRS):
+        _merge(index, noisy, best_ids, best_dist, group, cand_q[lo : lo + _PAIRS],
+               cand_w[lo : lo + _PAIRS])
+    return best_ids, best_dist, over
 
 
 def _threshold_is_slower(index: EmbeddingIndex, radius: np.ndarray, k: int) -> bool:

@@ -1,0 +1,241 @@
+"""The exact nearest-word search's collection step on AMX tiles, in bf16, with a proven bound.
+
+`collect` does what `nearest._threshold_search` does (collect every word that could be within U
+of a noisy point z, U tightening as real words are measured) in a C kernel
+(`_amx_kernel.c`) that multiplies bf16 tiles on the CPU's AMX unit (TDPBF16PS: 16 × 16 fp32
+results per instruction, ~8× the float32 product numpy runs) and compares the results against
+each query's threshold in registers, so the n × t product is never stored. The caller ranks
+the collected words in float64 exactly as before, so the answer is bit for bit the float64
+scan's. Available on x86-64 Linux CPUs with AMX-BF16 (Sapphire Rapids and later) when the
+extension was compiled at install; `available()` says so, and the caller falls back to the
+numpy path otherwise (or when ``PRIVTEXT_AMX=off``).
+
+Why every word within U of z is collected (U: the k-th smallest float64 distance among k
+distinct real words, an upper bound on the k-th nearest distance, as in `_threshold_search`).
+
+Rounding. bf16(x) keeps 8 significant bits (round to nearest even of the float32 bits; values
+below 2⁻¹²⁶ are set to 0, so no input is subnormal). Let φ_b(w) = bf16(φ(w)) and
+ρ ≥ max_w ‖φ(w) − φ_b(w)‖ (measured in float64 over the vocabulary, raised by a relative
+1e-6); q_b = bf16(fl32(z)) and σ = 2‖z − q_b‖ (float64, doubled against its own rounding).
+N(w) = fl32(‖φ_b(w)‖²) is split exactly into three bf16 parts hi + mid + lo (8 bits each cover
+float32's 24; the split is checked when the vocabulary is packed).
+
+The product. A query row is (−2q_b, 1, 1, 1, 0, …) and a word column (φ_b(w), hi, mid, lo,
+0, …), padded to K = 32·⌈(m + 3)/32⌉ bf16 entries, so the exact value of their dot product is
+N(w) − 2q_b·φ_b(w). Every product of two bf16 numbers is exact in fp32 (8 + 8 significant
+bits) and −2q_b is exact in bf16, so the only rounding is in the sums of the K products. The
+hardware's order and intermediate precision are not documented in detail; whatever they are,
+if each addition is rounded to fp32 with a relative error at most 2u, u = 2⁻²⁴ (round to
+nearest, or toward zero), the computed C(w) satisfies |C(w) − (N(w) − 2q_b·φ_b(w))| ≤
+γ_K·Σ|terms| with γ_K = K·2u/(1 − K·2u) (Higham, Accuracy and Stability of Numerical
+Algorithms, Thm 3.1, any order); results and inputs below 2⁻¹²⁶ may be flushed to zero, which
+adds at most 2⁻¹²⁶ per operation, K·2⁻¹²⁶ in all. Σ|terms| ≤ 2‖q_b‖·‖φ_b‖ + hi + |mid| +
+|lo| ≤ (1 + 2⁻⁷)·(‖q_b‖ + M_b)² with M_b² = max N. And |N(w) − ‖φ_b(w)‖²| ≤ 2u·M_b²
+(float32 rounding of the float64 sum, whose own error is far below u). So with
+c(w) = ‖φ_b(w)‖² − 2q_b·φ_b(w) = ‖q_b − φ_b(w)‖² − ‖q_b‖²,
+
+    |C(w) − c(w)| ≤ E = γ_K·(1 + 2⁻⁷)·(‖q_b‖ + M_b)² + 2u·M_b² + K·2⁻¹²⁶.
+
+Collection. A word with d(z, w) ≤ U has, by the triangle inequality,
+‖q_b − φ_b(w)‖ ≤ d(z, w) + ‖z − q_b‖ + ‖φ(w) − φ_b(w)‖ ≤ U + σ + ρ, so
+C(w) ≤ (U + σ + ρ)² − ‖q_b‖² + E = T(U). The kernel records w when C(w) < T₃₂, T evaluated in
+float64, raised by a relative 1e-9 (as `_threshold_search` does, for the float64 evaluation of
+T and of distances) and rounded up to float32: every word within U is recorded. U starts at
+the k-th distance of the k start words and only shrinks: a recorded word's float64 distance is
+measured in C at once (its own summation order, within a relative 1e-14 of numpy's formula,
+far inside the 1e-9 margin) and, if it enters the k best distinct words, T tightens for the
+words after it. T is never below T(final U), so every word within the final U, which is at
+least the k-th nearest distance, is recorded: all k nearest words and anything tied with the
+k-th. The caller ranks start words and recorded words by numpy's float64 formula, ties to the
+smaller id: the float64 scan's answer. A query with more than `cap` recorded words stops
+recording and is marked; the caller answers it another way (the FAISS certificate).
+
+Cost (docs/performance.md, "The Laplace family"): the slack σ + ρ ≈ 0.03 on the default
+GloVe-50d index (ρ = 0.024, nearest distances ~5) records ~2 words per point at ε = 10.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from privtext.index import EmbeddingIndex
+
+_U = 2.0**-24
+_TINY = 2.0**-126
+_GROUP = 32  # queries per pass of the kernel (two 16-row tiles)
+_BATCH = 2048  # queries per kernel call: bounds the candidate buffers
+_CHUNK_BLOCKS = 256  # 4,096 words (512 KiB of packed words at m = 50) per pass: stays in L2
+DISABLE_ENV = "PRIVTEXT_AMX"  # "off": never use the kernel (the numpy path answers the same)
+
+_ptr = ctypes.c_void_p
+
+
+class _Scan(ctypes.Structure):
+    """Mirror of `pt_scan` in _amx_kernel.c (same order, natural alignment)."""
+
+    _fields_ = [
+        ("words", _ptr), ("nblocks", ctypes.c_int64), ("n", ctypes.c_int64),
+        ("pairs", ctypes.c_int32), ("m", ctypes.c_int32), ("vectors", _ptr),
+        ("queries", _ptr), ("points", _ptr), ("nq", ctypes.c_int64),
+        ("k", ctypes.c_int32), ("cap", ctypes.c_int32),
+        ("best_ids", _ptr), ("best_dist", _ptr), ("shift", _ptr), ("qn2", _ptr), ("err", _ptr),
+        ("counts", _ptr), ("over", _ptr), ("cand_q", _ptr), ("cand_w", _ptr),
+        ("ncand", ctypes.c_int64), ("chunk_blocks", ctypes.c_int64),
+    ]
+
+
+_LIB: list[Any] = []  # [] not tried yet; [None] unavailable; [lib] loaded
+_LOCK = threading.Lock()
+
+
+def _library() -> Any:
+    with _LOCK:
+        if not _LIB:
+            _LIB.append(_load())
+        return _LIB[0]
+
+
+def _load() -> Any:
+    if os.environ.get(DISABLE_ENV, "").lower() in ("off", "0", "no", "false"):
+        return None
+    spec = importlib.util.find_spec("privtext.mechanisms._amx_kernel")
+    if spec is None or not spec.origin:
+        return None  # not compiled at install (no compiler, another platform)
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    lib.pt_amx_available.restype = ctypes.c_int
+    lib.pt_amx_scan.restype = ctypes.c_int64
+    lib.pt_amx_scan.argtypes = [ctypes.POINTER(_Scan)]
+    # Asks the kernel for the tile-data permission of this process (idempotent; a forked
+    # worker inherits it, and asks again harmlessly).
+    if not lib.pt_amx_available():
+        return None
+    return lib
+
+
+def available() -> bool:
+    """True when the compiled kernel is installed and this CPU and kernel run AMX-BF16."""
+    return _library() is not None
+
+
+def reset() -> None:
+    """Forget whether the kernel loaded (tests switch ``PRIVTEXT_AMX`` and ask again)."""
+    with _LOCK:
+        _LIB.clear()
+
+
+def bf16_bits(values: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns (uint16) of float32 values, round to nearest even; magnitudes below
+    2⁻¹²⁶ become 0 (the hardware treats subnormal inputs as zero)."""
+    f = np.ascontiguousarray(values, dtype=np.float32)
+    u = f.view(np.uint32).astype(np.uint64)
+    out = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    out[np.abs(f) < _TINY] = 0
+    return out
+
+
+def bf16_values(bits: np.ndarray) -> np.ndarray:
+    """float64 values of bf16 bit patterns (exact)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+class PackedWords:
+    """The vocabulary in the kernel's layout: for each block of 16 words, K/2 rows of 16 bf16
+    pairs (the B tiles, 1 KiB per 32 dimensions), plus ρ and M_b of the proof."""
+
+    def __init__(self, vectors: np.ndarray) -> None:
+        v32 = np.ascontiguousarray(vectors, dtype=np.float32)
+        n, m = v32.shape
+        self.n, self.m = n, m
+        self.pairs = 16 * ((m + 3 + 31) // 32)
+        bits = bf16_bits(v32)
+        vb = bf16_values(bits)
+        self.rho = float(np.linalg.norm(vb - v32.astype(np.float64), axis=1).max()) * (1 + 1e-6)
+        norm = np.einsum("ij,ij->i", vb, vb).astype(np.float32)
+        hi = bf16_bits(norm)
+        rest = norm - bf16_values(hi).astype(np.float32)  # exact: ≤ 16 significant bits left
+        mid = bf16_bits(rest)
+        lo = bf16_bits(rest - bf16_values(mid).astype(np.float32))
+        parts = bf16_values(hi) + bf16_values(mid) + bf16_values(lo)
+        if not np.array_equal(parts, norm.astype(np.float64)):  # the proof needs it exact
+            raise ArithmeticError("bf16 split of the stored norms is not exact")
+        self.max_norm = float(np.sqrt(norm.max(initial=0.0)))
+        blocks = (n + 15) // 16
+        cols = np.zeros((blocks * 16, 2 * self.pairs), dtype=np.uint16)
+        cols[:n, :m] = bits
+        cols[:n, m], cols[:n, m + 1], cols[:n, m + 2] = hi, mid, lo
+        # Padding words: a huge norm keeps them above every threshold (and C skips ids ≥ n).
+        cols[n:, m] = bf16_bits(np.array([1e30], dtype=np.float32))[0]
+        self.blocks = blocks
+        self.words = np.ascontiguousarray(
+            cols.reshape(blocks, 16, self.pairs, 2).transpose(0, 2, 1, 3)).view(np.uint32).ravel()
+        self.vectors = v32
+
+
+_PACKED: dict[str, PackedWords] = {}
+
+
+def packed_words(index: EmbeddingIndex) -> PackedWords:
+    key = str(index.path)
+    with _LOCK:
+        if key not in _PACKED:
+            _PACKED[key] = PackedWords(index.vectors)
+        return _PACKED[key]
+
+
+def collect(index: EmbeddingIndex, noisy: np.ndarray, start_ids: np.ndarray,
+            start_dist: np.ndarray, k: int, cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate pairs (query row, word id) that include every word within the final U of each
+    point (module docstring), and a mask of points with more than `cap` candidates (their
+    candidates are incomplete). `start_ids`/`start_dist`: k distinct words per point and their
+    float64 distances. Requires `available()`."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the AMX kernel is not available")
+    packed = packed_words(index)
+    t = len(noisy)
+    cand_q: list[np.ndarray] = []
+    cand_w: list[np.ndarray] = []
+    over = np.zeros(t, dtype=bool)
+    steps = 2 * packed.pairs  # K, the products summed per result
+    gamma = steps * 2 * _U / (1 - steps * 2 * _U)
+    for lo in range(0, t, _BATCH):
+        z = np.ascontiguousarray(noisy[lo : lo + _BATCH], dtype=np.float64)
+        nq = len(z)
+        qbits = bf16_bits(z.astype(np.float32))
+        qb = bf16_values(qbits)
+        shift = 2.0 * np.linalg.norm(z - qb, axis=1) + packed.rho
+        qn2 = np.einsum("ij,ij->i", qb, qb)
+        err = (gamma * (1 + 2.0**-7) * (np.sqrt(qn2) + packed.max_norm) ** 2
+               + 2 * _U * packed.max_norm**2 + steps * _TINY)
+        padded = -(-nq // _GROUP) * _GROUP
+        rows = np.zeros((padded, 2 * packed.pairs), dtype=np.uint16)
+        rows[:nq, : packed.m] = bf16_bits((-2.0 * qb).astype(np.float32))  # exact doubling
+        rows[:nq, packed.m : packed.m + 3] = bf16_bits(np.ones(1, dtype=np.float32))[0]
+        queries = rows.view(np.uint32)
+        best_ids = np.ascontiguousarray(start_ids[lo : lo + nq], dtype=np.int64).copy()
+        best_dist = np.ascontiguousarray(start_dist[lo : lo + nq], dtype=np.float64).copy()
+        counts = np.zeros(nq, dtype=np.int32)
+        flags = np.zeros(nq, dtype=np.uint8)
+        out_q = np.empty(nq * (cap + 1), dtype=np.int32)
+        out_w = np.empty(nq * (cap + 1), dtype=np.int32)
+        scan = _Scan(packed.words.ctypes.data, packed.blocks, packed.n, packed.pairs, packed.m,
+                     packed.vectors.ctypes.data, queries.ctypes.data, z.ctypes.data, nq, k, cap,
+                     best_ids.ctypes.data, best_dist.ctypes.data, shift.ctypes.data,
+                     qn2.ctypes.data, err.ctypes.data, counts.ctypes.data, flags.ctypes.data,
+                     out_q.ctypes.data, out_w.ctypes.data, 0, _CHUNK_BLOCKS)
+        found = lib.pt_amx_scan(ctypes.byref(scan))
+        if found < 0:
+            raise RuntimeError("the AMX kernel is not compiled for this platform")
+        cand_q.append(out_q[:found].astype(np.int64) + lo)
+        cand_w.append(out_w[:found].astype(np.int64))
+        over[lo : lo + nq] = flags.astype(bool)
+    return np.concatenate(cand_q), np.concatenate(cand_w), over

@@ -27,6 +27,12 @@
 #include <unistd.h>
 #endif
 
+/* Bumped with every change of pt_scan or of a function's meaning: amx_search.py refuses a
+ * compiled kernel of another version (a stale build) and uses its numpy path instead. */
+#define PT_ABI_VERSION 4
+
+int pt_abi_version(void) { return PT_ABI_VERSION; }
+
 /* Everything one scan needs; the layout is mirrored by a ctypes.Structure. */
 typedef struct {
     const uint32_t *words;  /* nblocks x pairs x 16 uint32 (a bf16 pair per word) */
@@ -35,7 +41,8 @@ typedef struct {
     int32_t pairs;          /* 16 * ksteps */
     int32_t m;
     const float *vectors;   /* n x m float32, the stored vectors */
-    const uint32_t *queries;/* nq_padded x pairs (nq_padded a multiple of 32) */
+    uint32_t *queries;      /* nq_padded x pairs (nq_padded a multiple of 32); the scan writes
+                               each query's threshold into its row */
     const double *points;   /* nq x m float64, the noisy points z */
     int64_t nq;
     int32_t k;
@@ -51,27 +58,56 @@ typedef struct {
     int32_t *cand_w;
     int64_t ncand;          /* out */
     int64_t chunk_blocks;   /* word blocks per pass over the query groups (kept in L2) */
+    double gamma;           /* γ_K·(1 + 2⁻⁶): the sum's error per unit of Σ|terms| */
+    const int32_t *probe;   /* nq x probe_width word ids whose k nearest start U (any real words) */
+    int32_t probe_width;
 } pt_scan;
 
-static float pt_threshold(const pt_scan *s, int64_t q) {
-    double far = s->best_dist[q * s->k + s->k - 1] + s->shift[q];
-    far *= far;
-    double t = far - s->qn2[q] + s->err[q] + 1e-9 * (1.0 + far + s->qn2[q]);
-    float f = (float)t;
-    if ((double)f < t) f = nextafterf(f, INFINITY); /* never below the float64 threshold */
-    return f;
+static uint16_t pt_bf16(float x) { /* round to nearest even (finite x) */
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* Record word w for query q; tighten U when w enters the k best. Returns the new threshold. */
-static float pt_take(pt_scan *s, int64_t q, int64_t w, float current) {
-    if (w >= s->n || s->over[q]) return current;
-    if (s->counts[q]++ >= s->cap) {
-        s->over[q] = 1;
-        return -INFINITY;
+static float pt_from_bf16(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+/* Write −T' into query q's row (columns m+3..m+5 as three bf16 parts summing to −T' exactly),
+ * T' the folded threshold of amx_search's docstring: a word with d(z, w) ≤ U gives a product
+ * R(w) < 0. An over query gets T' = −1e30: nothing passes. */
+static void pt_fold(pt_scan *s, int64_t q) {
+    double t1;
+    if (s->over[q]) {
+        t1 = -1e30;
+    } else {
+        double far = s->best_dist[q * s->k + s->k - 1] + s->shift[q];
+        far *= far;
+        t1 = far - s->qn2[q] + s->err[q] + 1e-9 * (1.0 + far + s->qn2[q]);
+        t1 += 2.0 * s->gamma * (fabs(t1) + 1.0);
+        if (fabs(t1) < 0x1p-100) t1 = 0x1p-100; /* keeps the parts normal; raising T' is safe */
+        if (!(t1 < 1e30)) t1 = 1e30;             /* fewer than k words yet (U = ∞): take all */
     }
-    s->cand_q[s->ncand] = (int32_t)q;
-    s->cand_w[s->ncand] = (int32_t)w;
-    s->ncand++;
+    float tf = (float)t1;
+    if ((double)tf < t1) tf = nextafterf(tf, INFINITY);
+    uint16_t hi = pt_bf16(tf);
+    float r = tf - pt_from_bf16(hi); /* exact: at most 16 significant bits are left */
+    uint16_t mid = pt_bf16(r);
+    uint16_t lo = pt_bf16(r - pt_from_bf16(mid));
+    if ((double)pt_from_bf16(hi) + pt_from_bf16(mid) + pt_from_bf16(lo) != (double)tf) {
+        hi = pt_bf16(1e30f); /* cannot happen for normal floats; if it did, collect everything */
+        mid = lo = 0;
+    }
+    uint16_t *row = (uint16_t *)(s->queries + q * s->pairs);
+    row[s->m + 3] = hi ^ 0x8000u; /* negation flips the sign bit, exactly */
+    row[s->m + 4] = mid ^ 0x8000u;
+    row[s->m + 5] = lo ^ 0x8000u;
+}
+
+static double pt_distance(const pt_scan *s, int64_t q, int64_t w) {
     const float *v = s->vectors + w * s->m;
     const double *z = s->points + q * s->m;
     double acc = 0.0;
@@ -79,13 +115,17 @@ static float pt_take(pt_scan *s, int64_t q, int64_t w, float current) {
         double d = (double)v[i] - z[i];
         acc += d * d;
     }
-    double d = sqrt(acc);
+    return sqrt(acc);
+}
+
+/* Put w at distance d among query q's k best distinct words, if it belongs there; 1 if so. */
+static int pt_insert(pt_scan *s, int64_t q, int64_t w, double d) {
     int k = s->k;
     int64_t *ids = s->best_ids + q * k;
     double *dist = s->best_dist + q * k;
-    if (!(d < dist[k - 1])) return current;
+    if (!(d < dist[k - 1])) return 0;
     for (int j = 0; j < k; j++)
-        if (ids[j] == w) return current; /* keep the k words distinct */
+        if (ids[j] == w) return 0; /* keep the k words distinct */
     int j = k - 1;
     while (j > 0 && dist[j - 1] > d) {
         dist[j] = dist[j - 1];
@@ -94,7 +134,33 @@ static float pt_take(pt_scan *s, int64_t q, int64_t w, float current) {
     }
     dist[j] = d;
     ids[j] = w;
-    return pt_threshold(s, q);
+    return 1;
+}
+
+/* U from the probe words: the k-th distance among the k nearest of them (∞ if fewer). */
+static void pt_start(pt_scan *s, int64_t q) {
+    for (int j = 0; j < s->k; j++) {
+        s->best_ids[q * s->k + j] = -1;
+        s->best_dist[q * s->k + j] = INFINITY;
+    }
+    for (int j = 0; j < s->probe_width; j++) {
+        int64_t w = s->probe[q * s->probe_width + j];
+        if (w >= 0 && w < s->n) pt_insert(s, q, w, pt_distance(s, q, w));
+    }
+}
+
+/* Record word w for query q; tighten U when w enters the k best. Returns 1 when query q's
+ * threshold changed (U tightened, or the query went over its cap). */
+static int pt_take(pt_scan *s, int64_t q, int64_t w) {
+    if (w >= s->n || q >= s->nq || s->over[q]) return 0;
+    if (s->counts[q]++ >= s->cap) {
+        s->over[q] = 1;
+        return 1;
+    }
+    s->cand_q[s->ncand] = (int32_t)q;
+    s->cand_w[s->ncand] = (int32_t)w;
+    s->ncand++;
+    return pt_insert(s, q, w, pt_distance(s, q, w));
 }
 
 #ifdef PT_HAVE_AMX
@@ -131,27 +197,36 @@ typedef struct __attribute__((packed)) {
     uint8_t rows[16];
 } pt_tilecfg;
 
-/* Compare the 32 stored rows (32 queries x 16 words) with the thresholds; record hits. */
-__attribute__((target("avx512f,avx512bw")))
-static inline void pt_compare(pt_scan *s, float (*rows)[16], float *t, int64_t q0, int64_t word0) {
-    __mmask16 any = 0;
-    for (int j = 0; j < 32; j++)
-        any |= _mm512_cmp_ps_mask(_mm512_load_ps(rows[j]), _mm512_set1_ps(t[j]), _CMP_LT_OQ);
-    if (__builtin_expect(any == 0, 1)) return;
+/* The 32 stored rows (32 queries x 16 words) of R = C − T': record every word whose R has its
+ * sign bit set. One OR over all rows decides whether any has; returns 1 when a threshold
+ * changed (the A tiles must be reloaded). */
+__attribute__((target("avx512f,avx512bw,avx512dq")))
+static inline int pt_compare(pt_scan *s, float (*rows)[16], int64_t q0, int64_t word0) {
+    const __m512i *r = (const __m512i *)rows;
+    __m512i a = r[0];
+    for (int j = 1; j < 31; j += 2) a = _mm512_ternarylogic_epi32(a, r[j], r[j + 1], 0xFE); /* OR */
+    a = _mm512_or_si512(a, r[31]);
+    if (__builtin_expect(_mm512_movepi32_mask(a) == 0, 1)) return 0;
+    int changed = 0;
     for (int j = 0; j < 32; j++) {
-        uint32_t bits = _mm512_cmp_ps_mask(_mm512_load_ps(rows[j]), _mm512_set1_ps(t[j]), _CMP_LT_OQ);
+        uint32_t bits = _mm512_movepi32_mask(r[j]);
+        int mine = 0;
         while (bits) {
             int l = __builtin_ctz(bits);
             bits &= bits - 1;
-            /* t[j] may have tightened on an earlier word of this row */
-            if (rows[j][l] < t[j]) t[j] = pt_take(s, q0 + j, word0 + l, t[j]);
+            mine |= pt_take(s, q0 + j, word0 + l);
+        }
+        if (mine) {
+            pt_fold(s, q0 + j);
+            changed = 1;
         }
     }
+    return changed;
 }
 
 /* Tiles: 0-3 the two query groups' A (k-steps 0 and 1, resident when ksteps <= 2),
  * 4-5 the word block's B, 6-7 the two 16 x 16 fp32 results. */
-__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw")))
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq")))
 int64_t pt_amx_scan(pt_scan *s) {
     pt_tilecfg cfg;
     memset(&cfg, 0, sizeof cfg);
@@ -164,25 +239,27 @@ int64_t pt_amx_scan(pt_scan *s) {
     const int ksteps = s->pairs / 16;
     const int64_t qstride = (int64_t)s->pairs * 4; /* bytes per query row */
     float rows[32][16] __attribute__((aligned(64)));
-    float t[32];
     s->ncand = 0;
+    for (int64_t q = 0; q < s->nq; q++) {
+        pt_start(s, q);
+        pt_fold(s, q);
+    }
     for (int64_t c0 = 0; c0 < s->nblocks; c0 += s->chunk_blocks) {
         int64_t c1 = c0 + s->chunk_blocks < s->nblocks ? c0 + s->chunk_blocks : s->nblocks;
         for (int64_t q0 = 0; q0 < s->nq; q0 += 32) {
             const uint32_t *g0 = s->queries + q0 * s->pairs;
             const uint32_t *g1 = g0 + 16 * s->pairs;
-            for (int j = 0; j < 32; j++)
-                t[j] = (q0 + j < s->nq && !s->over[q0 + j]) ? pt_threshold(s, q0 + j) : -INFINITY;
-            if (ksteps <= 2) {
-                _tile_loadd(0, g0, qstride);
-                _tile_loadd(2, g1, qstride);
-                if (ksteps == 2) {
-                    _tile_loadd(1, g0 + 16, qstride);
-                    _tile_loadd(3, g1 + 16, qstride);
-                }
-            }
+            int reload = 1;
             for (int64_t b = c0; b < c1; b++) {
                 const uint32_t *wb = s->words + b * 16 * s->pairs;
+                if (reload && ksteps <= 2) {
+                    _tile_loadd(0, g0, qstride);
+                    _tile_loadd(2, g1, qstride);
+                    if (ksteps == 2) {
+                        _tile_loadd(1, g0 + 16, qstride);
+                        _tile_loadd(3, g1 + 16, qstride);
+                    }
+                }
                 _tile_zero(6);
                 _tile_zero(7);
                 if (ksteps <= 2) {
@@ -205,7 +282,7 @@ int64_t pt_amx_scan(pt_scan *s) {
                 }
                 _tile_stored(6, rows[0], 64);
                 _tile_stored(7, rows[16], 64);
-                pt_compare(s, rows, t, q0, b * 16);
+                reload = pt_compare(s, rows, q0, b * 16);
             }
         }
     }
@@ -213,10 +290,122 @@ int64_t pt_amx_scan(pt_scan *s) {
     return s->ncand;
 }
 
+/* For each query, the word of least C among the scan's nblocks*16 words (an approximate nearest
+ * word, ties to the first): the HNSW search's entry point. `entry` gets nq ids. */
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw")))
+int64_t pt_amx_argmin(const pt_scan *s, int32_t *entry) {
+    pt_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.colsb[i] = 64;
+        cfg.rows[i] = 16;
+    }
+    _tile_loadconfig(&cfg);
+    const int ksteps = s->pairs / 16;
+    const int64_t qstride = (int64_t)s->pairs * 4;
+    float rows[32][16] __attribute__((aligned(64)));
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t q0 = 0; q0 < s->nq; q0 += 32) {
+        const uint32_t *g0 = s->queries + q0 * s->pairs;
+        const uint32_t *g1 = g0 + 16 * s->pairs;
+        __m512 best[32];
+        __m512i where[32];
+        for (int j = 0; j < 32; j++) {
+            best[j] = _mm512_set1_ps(INFINITY);
+            where[j] = lane;
+        }
+        if (ksteps <= 2) {
+            _tile_loadd(0, g0, qstride);
+            _tile_loadd(2, g1, qstride);
+            if (ksteps == 2) {
+                _tile_loadd(1, g0 + 16, qstride);
+                _tile_loadd(3, g1 + 16, qstride);
+            }
+        }
+        for (int64_t b = 0; b < s->nblocks; b++) {
+            const uint32_t *wb = s->words + b * 16 * s->pairs;
+            _tile_zero(6);
+            _tile_zero(7);
+            if (ksteps <= 2) {
+                _tile_loadd(4, wb, 64);
+                _tile_dpbf16ps(6, 0, 4);
+                _tile_dpbf16ps(7, 2, 4);
+                if (ksteps == 2) {
+                    _tile_loadd(5, wb + 256, 64);
+                    _tile_dpbf16ps(6, 1, 5);
+                    _tile_dpbf16ps(7, 3, 5);
+                }
+            } else {
+                for (int st = 0; st < ksteps; st++) {
+                    _tile_loadd(0, g0 + 16 * st, qstride);
+                    _tile_loadd(2, g1 + 16 * st, qstride);
+                    _tile_loadd(4, wb + 256 * st, 64);
+                    _tile_dpbf16ps(6, 0, 4);
+                    _tile_dpbf16ps(7, 2, 4);
+                }
+            }
+            _tile_stored(6, rows[0], 64);
+            _tile_stored(7, rows[16], 64);
+            const __m512i ids = _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)(b * 16)));
+            for (int j = 0; j < 32; j++) {
+                __m512 x = _mm512_load_ps(rows[j]);
+                __mmask16 lt = _mm512_cmp_ps_mask(x, best[j], _CMP_LT_OQ);
+                best[j] = _mm512_mask_mov_ps(best[j], lt, x);
+                where[j] = _mm512_mask_mov_epi32(where[j], lt, ids);
+            }
+        }
+        for (int j = 0; j < 32 && q0 + j < s->nq; j++) {
+            float v[16] __attribute__((aligned(64)));
+            int32_t w[16] __attribute__((aligned(64)));
+            _mm512_store_ps(v, best[j]);
+            _mm512_store_si512((void *)w, where[j]);
+            int pick = 0;
+            for (int l = 1; l < 16; l++)
+                if (v[l] < v[pick] || (v[l] == v[pick] && w[l] < w[pick])) pick = l;
+            entry[q0 + j] = w[pick] < s->n ? w[pick] : 0;
+        }
+    }
+    _tile_release();
+    return 0;
+}
+
+/* Every product C (nq x nblocks*16, row-major) of the scan's queries and words, for the tests
+ * of the error bound (small sizes only). */
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw")))
+int64_t pt_amx_products(const pt_scan *s, float *out) {
+    pt_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.colsb[i] = 64;
+        cfg.rows[i] = 16;
+    }
+    _tile_loadconfig(&cfg);
+    const int ksteps = s->pairs / 16;
+    const int64_t qstride = (int64_t)s->pairs * 4, width = s->nblocks * 16;
+    for (int64_t q0 = 0; q0 < s->nq; q0 += 16) {
+        const uint32_t *g = s->queries + q0 * s->pairs;
+        for (int64_t b = 0; b < s->nblocks; b++) {
+            _tile_zero(6);
+            for (int st = 0; st < ksteps; st++) {
+                _tile_loadd(0, g + 16 * st, qstride);
+                _tile_loadd(4, s->words + b * 16 * s->pairs + 256 * st, 64);
+                _tile_dpbf16ps(6, 0, 4);
+            }
+            _tile_stored(6, out + q0 * width + b * 16, width * 4);
+        }
+    }
+    _tile_release();
+    return 0;
+}
+
 #else
 
 int pt_amx_available(void) { return 0; }
 int64_t pt_amx_scan(pt_scan *s) { (void)s; return -1; }
+int64_t pt_amx_products(const pt_scan *s, float *out) { (void)s; (void)out; return -1; }
+int64_t pt_amx_argmin(const pt_scan *s, int32_t *entry) { (void)s; (void)entry; return -1; }
 
 #endif
 

@@ -30,11 +30,12 @@ nearest, or toward zero), the computed C(w) satisfies |C(w) − (N(w) − 2q_b·
 γ_K·Σ|terms| with γ_K = K·2u/(1 − K·2u) (Higham, Accuracy and Stability of Numerical
 Algorithms, Thm 3.1, any order); results and inputs below 2⁻¹²⁶ may be flushed to zero, which
 adds at most 2⁻¹²⁶ per operation, K·2⁻¹²⁶ in all. Σ|terms| ≤ 2‖q_b‖·‖φ_b‖ + hi + |mid| +
-|lo| ≤ (1 + 2⁻⁷)·(‖q_b‖ + M_b)² with M_b² = max N. And |N(w) − ‖φ_b(w)‖²| ≤ 2u·M_b²
+|lo| ≤ (1 + 2⁻⁶)·(‖q_b‖ + M_b)² with M_b² = max N (|N − hi| ≤ 2⁻⁸N, |mid| ≤ 2⁻⁸N(1 + 2⁻⁸),
+|lo| ≤ 2⁻¹⁶N, and ‖φ_b‖² ≤ N(1 + 2⁻²³)). And |N(w) − ‖φ_b(w)‖²| ≤ 2u·M_b²
 (float32 rounding of the float64 sum, whose own error is far below u). So with
 c(w) = ‖φ_b(w)‖² − 2q_b·φ_b(w) = ‖q_b − φ_b(w)‖² − ‖q_b‖²,
 
-    |C(w) − c(w)| ≤ E = γ_K·(1 + 2⁻⁷)·(‖q_b‖ + M_b)² + 2u·M_b² + K·2⁻¹²⁶.
+    |C(w) − c(w)| ≤ E = γ_K·(1 + 2⁻⁶)·(‖q_b‖ + M_b)² + 2u·M_b² + K·2⁻¹²⁶.
 
 Collection. A word with d(z, w) ≤ U has, by the triangle inequality,
 ‖q_b − φ_b(w)‖ ≤ d(z, w) + ‖z − q_b‖ + ‖φ(w) − φ_b(w)‖ ≤ U + σ + ρ, so
@@ -71,6 +72,7 @@ _TINY = 2.0**-126
 _GROUP = 32  # queries per pass of the kernel (two 16-row tiles)
 _BATCH = 2048  # queries per kernel call: bounds the candidate buffers
 _CHUNK_BLOCKS = 256  # 4,096 words (512 KiB of packed words at m = 50) per pass: stays in L2
+ABI_VERSION = 4  # must equal PT_ABI_VERSION in _amx_kernel.c (a stale build is not used)
 DISABLE_ENV = "PRIVTEXT_AMX"  # "off": never use the kernel (the numpy path answers the same)
 
 _ptr = ctypes.c_void_p
@@ -86,7 +88,8 @@ class _Scan(ctypes.Structure):
         ("k", ctypes.c_int32), ("cap", ctypes.c_int32),
         ("best_ids", _ptr), ("best_dist", _ptr), ("shift", _ptr), ("qn2", _ptr), ("err", _ptr),
         ("counts", _ptr), ("over", _ptr), ("cand_q", _ptr), ("cand_w", _ptr),
-        ("ncand", ctypes.c_int64), ("chunk_blocks", ctypes.c_int64),
+        ("ncand", ctypes.c_int64), ("chunk_blocks", ctypes.c_int64), ("gamma", ctypes.c_double),
+        ("probe", _ptr), ("probe_width", ctypes.c_int32),
     ]
 
 
@@ -111,9 +114,19 @@ def _load() -> Any:
         lib = ctypes.CDLL(spec.origin)
     except OSError:
         return None
+    try:
+        lib.pt_abi_version.restype = ctypes.c_int
+        if lib.pt_abi_version() != ABI_VERSION:
+            return None  # compiled from another version of the source: run `make install`
+    except AttributeError:
+        return None
     lib.pt_amx_available.restype = ctypes.c_int
     lib.pt_amx_scan.restype = ctypes.c_int64
     lib.pt_amx_scan.argtypes = [ctypes.POINTER(_Scan)]
+    lib.pt_amx_products.restype = ctypes.c_int64
+    lib.pt_amx_argmin.restype = ctypes.c_int64
+    lib.pt_amx_argmin.argtypes = [ctypes.POINTER(_Scan), ctypes.c_void_p]
+    lib.pt_amx_products.argtypes = [ctypes.POINTER(_Scan), ctypes.c_void_p]
     # Asks the kernel for the tile-data permission of this process (idempotent; a forked
     # worker inherits it, and asks again harmlessly).
     if not lib.pt_amx_available():
@@ -155,7 +168,8 @@ class PackedWords:
         v32 = np.ascontiguousarray(vectors, dtype=np.float32)
         n, m = v32.shape
         self.n, self.m = n, m
-        self.pairs = 16 * ((m + 3 + 31) // 32)
+        self.pairs = 16 * ((m + 6 + 31) // 32)  # φ_b, hi, mid, lo, then three ones for T'
+
         bits = bf16_bits(v32)
         vb = bf16_values(bits)
         self.rho = float(np.linalg.norm(vb - v32.astype(np.float64), axis=1).max()) * (1 + 1e-6)
@@ -172,6 +186,7 @@ class PackedWords:
         cols = np.zeros((blocks * 16, 2 * self.pairs), dtype=np.uint16)
         cols[:n, :m] = bits
         cols[:n, m], cols[:n, m + 1], cols[:n, m + 2] = hi, mid, lo
+        cols[:, m + 3 : m + 6] = bf16_bits(np.ones(1, dtype=np.float32))[0]
         # Padding words: a huge norm keeps them above every threshold (and C skips ids ≥ n).
         cols[n:, m] = bf16_bits(np.array([1e30], dtype=np.float32))[0]
         self.blocks = blocks
@@ -191,38 +206,30 @@ def packed_words(index: EmbeddingIndex) -> PackedWords:
         return _PACKED[key]
 
 
-def collect(index: EmbeddingIndex, noisy: np.ndarray, start_ids: np.ndarray,
-            start_dist: np.ndarray, k: int, cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Candidate pairs (query row, word id) that include every word within the final U of each
-    point (module docstring), and a mask of points with more than `cap` candidates (their
-    candidates are incomplete). `start_ids`/`start_dist`: k distinct words per point and their
-    float64 distances. Requires `available()`."""
+def collect(index: EmbeddingIndex, noisy: np.ndarray, probe: np.ndarray, k: int,
+            cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate pairs (point row, word id), each pair once, that include every word within
+    the final U of each point (module docstring), hence its k nearest words and anything tied
+    with the k-th; and a mask of points with more than `cap` candidates (theirs are
+    incomplete). U starts at the k-th smallest float64 distance among the words `probe[i]`
+    (any real words: −1 or fewer than k leaves U infinite at first). Requires `available()`."""
     lib = _library()
     if lib is None:
         raise RuntimeError("the AMX kernel is not available")
     packed = packed_words(index)
     t = len(noisy)
+    probe = np.ascontiguousarray(probe, dtype=np.int32)
     cand_q: list[np.ndarray] = []
     cand_w: list[np.ndarray] = []
     over = np.zeros(t, dtype=bool)
-    steps = 2 * packed.pairs  # K, the products summed per result
-    gamma = steps * 2 * _U / (1 - steps * 2 * _U)
+    gamma = _gamma(packed) * (1 + 2.0**-6)
     for lo in range(0, t, _BATCH):
         z = np.ascontiguousarray(noisy[lo : lo + _BATCH], dtype=np.float64)
         nq = len(z)
-        qbits = bf16_bits(z.astype(np.float32))
-        qb = bf16_values(qbits)
-        shift = 2.0 * np.linalg.norm(z - qb, axis=1) + packed.rho
-        qn2 = np.einsum("ij,ij->i", qb, qb)
-        err = (gamma * (1 + 2.0**-7) * (np.sqrt(qn2) + packed.max_norm) ** 2
-               + 2 * _U * packed.max_norm**2 + steps * _TINY)
-        padded = -(-nq // _GROUP) * _GROUP
-        rows = np.zeros((padded, 2 * packed.pairs), dtype=np.uint16)
-        rows[:nq, : packed.m] = bf16_bits((-2.0 * qb).astype(np.float32))  # exact doubling
-        rows[:nq, packed.m : packed.m + 3] = bf16_bits(np.ones(1, dtype=np.float32))[0]
-        queries = rows.view(np.uint32)
-        best_ids = np.ascontiguousarray(start_ids[lo : lo + nq], dtype=np.int64).copy()
-        best_dist = np.ascontiguousarray(start_dist[lo : lo + nq], dtype=np.float64).copy()
+        queries, shift, qn2, err = _queries(packed, z)
+        rows = np.ascontiguousarray(probe[lo : lo + nq])
+        best_ids = np.empty((nq, k), dtype=np.int64)  # the kernel's own U bookkeeping
+        best_dist = np.empty((nq, k), dtype=np.float64)
         counts = np.zeros(nq, dtype=np.int32)
         flags = np.zeros(nq, dtype=np.uint8)
         out_q = np.empty(nq * (cap + 1), dtype=np.int32)
@@ -231,7 +238,8 @@ def collect(index: EmbeddingIndex, noisy: np.ndarray, start_ids: np.ndarray,
                      packed.vectors.ctypes.data, queries.ctypes.data, z.ctypes.data, nq, k, cap,
                      best_ids.ctypes.data, best_dist.ctypes.data, shift.ctypes.data,
                      qn2.ctypes.data, err.ctypes.data, counts.ctypes.data, flags.ctypes.data,
-                     out_q.ctypes.data, out_w.ctypes.data, 0, _CHUNK_BLOCKS)
+                     out_q.ctypes.data, out_w.ctypes.data, 0, _CHUNK_BLOCKS, gamma,
+                     rows.ctypes.data, rows.shape[1])
         found = lib.pt_amx_scan(ctypes.byref(scan))
         if found < 0:
             raise RuntimeError("the AMX kernel is not compiled for this platform")
@@ -239,3 +247,64 @@ def collect(index: EmbeddingIndex, noisy: np.ndarray, start_ids: np.ndarray,
         cand_w.append(out_w[:found].astype(np.int64))
         over[lo : lo + nq] = flags.astype(bool)
     return np.concatenate(cand_q), np.concatenate(cand_w), over
+
+
+def _queries(packed: PackedWords, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The A rows (−2q_b, 1, 1, 1, 0…) padded to a multiple of 32 queries, and per query
+    σ + ρ, ‖q_b‖² and E of the module docstring."""
+    nq = len(z)
+    steps = 2 * packed.pairs  # K, the products summed per result
+    gamma = _gamma(packed)
+    qb = bf16_values(bf16_bits(z.astype(np.float32)))
+    shift = 2.0 * np.linalg.norm(z - qb, axis=1) + packed.rho
+    qn2 = np.einsum("ij,ij->i", qb, qb)
+    err = (gamma * (1 + 2.0**-6) * (np.sqrt(qn2) + packed.max_norm) ** 2
+           + 2 * _U * packed.max_norm**2 + steps * _TINY)
+    padded = -(-nq // _GROUP) * _GROUP
+    rows = np.zeros((padded, 2 * packed.pairs), dtype=np.uint16)
+    rows[:nq, : packed.m] = bf16_bits((-2.0 * qb).astype(np.float32))  # exact doubling
+    rows[:nq, packed.m : packed.m + 3] = bf16_bits(np.ones(1, dtype=np.float32))[0]
+    return rows.view(np.uint32), shift, qn2, err
+
+
+def _gamma(packed: PackedWords) -> float:
+    """γ_K = K·2u/(1 − K·2u) for the K = 2·pairs products of one result."""
+    steps = 2 * packed.pairs
+    return steps * 2 * _U / (1 - steps * 2 * _U)
+
+
+def products(index: EmbeddingIndex, noisy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every kernel product C(w) for a few points (t × n, float64 of the fp32 results) and
+    each point's bound E: for the tests of |C(w) − c(w)| ≤ E. Requires `available()`."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the AMX kernel is not available")
+    packed = packed_words(index)
+    z = np.ascontiguousarray(noisy, dtype=np.float64)
+    queries, _, _, err = _queries(packed, z)
+    out = np.zeros((len(queries), packed.blocks * 16), dtype=np.float32)
+    scan = _Scan(packed.words.ctypes.data, packed.blocks, packed.n, packed.pairs, packed.m,
+                 packed.vectors.ctypes.data, queries.ctypes.data, z.ctypes.data, len(z))
+    if lib.pt_amx_products(ctypes.byref(scan), out.ctypes.data) < 0:
+        raise RuntimeError("the AMX kernel is not compiled for this platform")
+    return out[: len(z), : packed.n].astype(np.float64), err
+
+
+def nearest_of_first(index: EmbeddingIndex, noisy: np.ndarray, count: int) -> np.ndarray:
+    """For each point, the word among the first `count` ids (rounded up to 16) of least bf16
+    C(w), an approximate nearest word among them (int32 ids): computed from the point alone.
+    Requires `available()`."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the AMX kernel is not available")
+    packed = packed_words(index)
+    z = np.ascontiguousarray(noisy, dtype=np.float64)
+    entry = np.zeros(len(z), dtype=np.int32)
+    blocks = min(packed.blocks, -(-count // 16))
+    for lo in range(0, len(z), _BATCH):
+        queries, *_ = _queries(packed, z[lo : lo + _BATCH])
+        scan = _Scan(packed.words.ctypes.data, blocks, packed.n, packed.pairs, packed.m,
+                     packed.vectors.ctypes.data, queries.ctypes.data, 0, len(z[lo : lo + _BATCH]))
+        if lib.pt_amx_argmin(ctypes.byref(scan), entry[lo:].ctypes.data) < 0:
+            raise RuntimeError("the AMX kernel is not compiled for this platform")
+    return entry

@@ -163,10 +163,12 @@ def nearest_words(index: EmbeddingIndex, noisy: np.ndarray, anchors: np.ndarray,
         return out_ids, out_dist
     if search != "exact":
         raise ValueError(f"unknown search {search!r}")
+    whole = index.n <= index.neighbors  # the table holds the whole vocabulary: always exact
+    if not whole and exact_method() == "amx":
+        return _amx_search(index, noisy, anchors, k)
     vectors = index.vectors
     radius = np.linalg.norm(noisy - np.asarray(vectors[anchors], dtype=np.float64), axis=1)
     kappa = _kappa(index)
-    whole = index.n <= index.neighbors  # the table holds the whole vocabulary: always exact
     # Pruning can only succeed when r < κ_x; the others go straight to the full search.
     hopeful = np.arange(t) if whole else np.flatnonzero(radius < kappa[anchors])
     todo = [np.setdiff1d(np.arange(t), hopeful, assume_unique=True)]
@@ -194,8 +196,7 @@ def nearest_words(index: EmbeddingIndex, noisy: np.ndarray, anchors: np.ndarray,
     else:
         unknown = rest[start_ids[rest, 0] < 0]
         start_ids[unknown], start_dist[unknown] = _probe(index, noisy[unknown], anchors[unknown], k)
-        search = _amx_threshold_search if method == "amx" else _threshold_search
-        ids, dist, over = search(index, noisy[rest], start_ids[rest], start_dist[rest], k)
+        ids, dist, over = _threshold_search(index, noisy[rest], start_ids[rest], start_dist[rest], k)
         if over.any():
             ids[over], dist[over] = _certified_search(index, noisy[rest[over]], k)
     out_ids[rest] = ids
@@ -213,20 +214,39 @@ def exact_method() -> str:
     return "amx" if amx_search.available() else "threshold"
 
 
-def _amx_threshold_search(index: EmbeddingIndex, noisy: np.ndarray, start_ids: np.ndarray,
-                          start_dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`_threshold_search` with its collection done by the bf16 AMX kernel (proof in
-    `amx_search`): the same inputs, the same answer, the same `CANDIDATE_CAP` mask."""
+def _amx_search(index: EmbeddingIndex, noisy: np.ndarray, anchors: np.ndarray,
+                k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The threshold search with its collection done by the bf16 AMX kernel (proof in
+    `amx_search`). U starts from the first `TABLE_PROBE` words of the anchor's table row, in
+    the kernel (the anchor only sets where U starts: any real words give the same answer);
+    no table certificate first: at useful ε few points have one, and the 64-word re-rank it
+    needs costs more than the kernel. The collected words are ranked here by `_distances`,
+    ties to the smaller id; points over `CANDIDATE_CAP` take the FAISS certificate."""
     from privtext.mechanisms import amx_search
 
-    cand_q, cand_w, over = amx_search.collect(index, noisy, start_ids, start_dist, k, CANDIDATE_CAP)
-    best_ids = start_ids.copy()
-    best_dist = start_dist.copy()
-    group = np.arange(len(noisy))
-    for lo in range(0, len(cand_q), _PAIRS):
-        _merge(index, noisy, best_ids, best_dist, group, cand_q[lo : lo + _PAIRS],
-               cand_w[lo : lo + _PAIRS])
-    return best_ids, best_dist, over
+    t = len(noisy)
+    width = max(k, min(TABLE_PROBE, index.neighbors))
+    probe = np.asarray(index.neighbor_ids[anchors, :width], dtype=np.int32)
+    cand_q, cand_w, over = amx_search.collect(index, noisy, probe, k, CANDIDATE_CAP)
+    ids = np.zeros((t, k), dtype=np.int64)
+    dist = np.zeros((t, k))
+    if len(cand_q):
+        d = np.concatenate([_distances(index, noisy[cand_q[lo : lo + _PAIRS]], cand_w[lo : lo + _PAIRS])
+                            for lo in range(0, len(cand_q), _PAIRS)])
+        order = np.lexsort((cand_w, d, cand_q))  # by point, then distance, then id
+        q, w, d = cand_q[order], cand_w[order], d[order]
+        first = np.searchsorted(q, np.arange(t))
+        size = np.searchsorted(q, np.arange(t), side="right") - first
+        # The kernel records every word within the final U, which at least k distinct words
+        # are; a point short of k candidates can only be one that went over its cap.
+        short = size < k
+        if (short & ~over).any():
+            raise AssertionError("the AMX kernel returned fewer than k candidates for a point")
+        pick = np.minimum(first[:, None] + np.arange(k), len(q) - 1)
+        ids, dist = w[pick], d[pick]
+    if over.any():
+        ids[over], dist[over] = _certified_search(index, noisy[over], k)
+    return ids, dist
 
 
 def _threshold_is_slower(index: EmbeddingIndex, radius: np.ndarray, k: int) -> bool:

@@ -1,55 +1,69 @@
 """The exact nearest-word search's collection step on AMX tiles, in bf16, with a proven bound.
 
 `collect` does what `nearest._threshold_search` does (collect every word that could be within U
-of a noisy point z, U tightening as real words are measured) in a C kernel
-(`_amx_kernel.c`) that multiplies bf16 tiles on the CPU's AMX unit (TDPBF16PS: 16 × 16 fp32
-results per instruction, ~8× the float32 product numpy runs) and compares the results against
-each query's threshold in registers, so the n × t product is never stored. The caller ranks
-the collected words in float64 exactly as before, so the answer is bit for bit the float64
-scan's. Available on x86-64 Linux CPUs with AMX-BF16 (Sapphire Rapids and later) when the
-extension was compiled at install; `available()` says so, and the caller falls back to the
-numpy path otherwise (or when ``PRIVTEXT_AMX=off``).
+of a noisy point z, U tightening as real words are measured) in a C kernel (`_amx_kernel.c`)
+that multiplies bf16 tiles on the CPU's AMX unit (TDPBF16PS: 16 × 16 fp32 results from 16 × 32
+bf16 products per instruction) with each query's threshold folded into the product, so a word
+passes when its result is negative: one OR over a block's results finds the rare block with a
+candidate, and the t × n product is never stored. The caller ranks the collected words by
+numpy's float64 distance, so the answer is bit for bit the float64 scan's. Available on x86-64
+Linux CPUs with AMX-BF16 (Sapphire Rapids and later) when the extension was compiled at install
+(`available()`); otherwise, or with ``PRIVTEXT_AMX=off``, the caller uses the numpy path.
 
-Why every word within U of z is collected (U: the k-th smallest float64 distance among k
-distinct real words, an upper bound on the k-th nearest distance, as in `_threshold_search`).
+Why every word within U of z is collected. U is the k-th smallest float64 distance among k
+distinct real words, an upper bound on the k-th nearest distance. It starts from the first
+`TABLE_PROBE` words of the anchor's table row (any real words would do; with fewer than k,
+U = ∞ and everything passes until k words are seen) and only shrinks.
 
 Rounding. bf16(x) keeps 8 significant bits (round to nearest even of the float32 bits; values
 below 2⁻¹²⁶ are set to 0, so no input is subnormal). Let φ_b(w) = bf16(φ(w)) and
 ρ ≥ max_w ‖φ(w) − φ_b(w)‖ (measured in float64 over the vocabulary, raised by a relative
 1e-6); q_b = bf16(fl32(z)) and σ = 2‖z − q_b‖ (float64, doubled against its own rounding).
 N(w) = fl32(‖φ_b(w)‖²) is split exactly into three bf16 parts hi + mid + lo (8 bits each cover
-float32's 24; the split is checked when the vocabulary is packed).
+float32's 24; the split is checked when the vocabulary is packed). A threshold T′ (below) is
+rounded up to float32 and split the same way into t_hi + t_mid + t_lo (checked in C; were it
+ever inexact, the kernel would take T′ = 10³⁰ and collect everything, still correct).
 
-The product. A query row is (−2q_b, 1, 1, 1, 0, …) and a word column (φ_b(w), hi, mid, lo,
-0, …), padded to K = 32·⌈(m + 3)/32⌉ bf16 entries, so the exact value of their dot product is
-N(w) − 2q_b·φ_b(w). Every product of two bf16 numbers is exact in fp32 (8 + 8 significant
-bits) and −2q_b is exact in bf16, so the only rounding is in the sums of the K products. The
-hardware's order and intermediate precision are not documented in detail; whatever they are,
-if each addition is rounded to fp32 with a relative error at most 2u, u = 2⁻²⁴ (round to
-nearest, or toward zero), the computed C(w) satisfies |C(w) − (N(w) − 2q_b·φ_b(w))| ≤
-γ_K·Σ|terms| with γ_K = K·2u/(1 − K·2u) (Higham, Accuracy and Stability of Numerical
-Algorithms, Thm 3.1, any order); results and inputs below 2⁻¹²⁶ may be flushed to zero, which
-adds at most 2⁻¹²⁶ per operation, K·2⁻¹²⁶ in all. Σ|terms| ≤ 2‖q_b‖·‖φ_b‖ + hi + |mid| +
-|lo| ≤ (1 + 2⁻⁶)·(‖q_b‖ + M_b)² with M_b² = max N (|N − hi| ≤ 2⁻⁸N, |mid| ≤ 2⁻⁸N(1 + 2⁻⁸),
-|lo| ≤ 2⁻¹⁶N, and ‖φ_b‖² ≤ N(1 + 2⁻²³)). And |N(w) − ‖φ_b(w)‖²| ≤ 2u·M_b²
-(float32 rounding of the float64 sum, whose own error is far below u). So with
-c(w) = ‖φ_b(w)‖² − 2q_b·φ_b(w) = ‖q_b − φ_b(w)‖² − ‖q_b‖²,
+The product. A query row is (−2q_b, 1, 1, 1, −t_hi, −t_mid, −t_lo, 0, …) and a word column
+(φ_b(w), hi, mid, lo, 1, 1, 1, 0, …), padded to K = 32·⌈(m + 6)/32⌉ bf16 entries (negation
+and doubling are exact in bf16), so the exact value of their dot product is
+N(w) − 2q_b·φ_b(w) − T′. Every product of two bf16 numbers is exact in fp32 (8 + 8 significant
+bits), so the only rounding is in the sums of the K products. The hardware's order and
+intermediate precision are not documented in detail; whatever they are, if each addition is
+rounded to fp32 with a relative error at most 2u, u = 2⁻²⁴ (round to nearest, or toward zero),
+the computed R(w) is within γ_K·Σ|terms| of the exact value, γ_K = K·2u/(1 − K·2u) (Higham,
+Accuracy and Stability of Numerical Algorithms, Thm 3.1, any order); values below 2⁻¹²⁶ may be
+flushed to zero, at most 2⁻¹²⁶ per operation, K·2⁻¹²⁶ in all. The product terms sum in
+absolute value to at most 2‖q_b‖·‖φ_b‖ + hi + |mid| + |lo| ≤ (1 + 2⁻⁶)·(‖q_b‖ + M_b)², with
+M_b² = max N (|N − hi| ≤ 2⁻⁸N, |mid| ≤ 2⁻⁸N(1 + 2⁻⁸), |lo| ≤ 2⁻¹⁶N, ‖φ_b‖² ≤ N(1 + 2⁻²³)),
+and the threshold terms to at most (1 + 2⁻⁶)|T′|. With |N(w) − ‖φ_b(w)‖²| ≤ 2u·M_b² (float32
+rounding of a float64 sum whose own error is far below u) and
+c(w) = ‖φ_b(w)‖² − 2q_b·φ_b(w) = ‖q_b − φ_b(w)‖² − ‖q_b‖²:
 
-    |C(w) − c(w)| ≤ E = γ_K·(1 + 2⁻⁶)·(‖q_b‖ + M_b)² + 2u·M_b² + K·2⁻¹²⁶.
+    R(w) ≤ c(w) − T′ + E + γ_K·(1 + 2⁻⁶)·|T′|,
+    E = γ_K·(1 + 2⁻⁶)·(‖q_b‖ + M_b)² + 2u·M_b² + K·2⁻¹²⁶.
 
-Collection. A word with d(z, w) ≤ U has, by the triangle inequality,
+(`products` returns the kernel's C(w) without the threshold terms, and the tests check
+|C(w) − c(w)| ≤ E on the hardware, on vocabularies of mixed magnitudes.)
+
+The threshold. A word with d(z, w) ≤ U has, by the triangle inequality,
 ‖q_b − φ_b(w)‖ ≤ d(z, w) + ‖z − q_b‖ + ‖φ(w) − φ_b(w)‖ ≤ U + σ + ρ, so
-C(w) ≤ (U + σ + ρ)² − ‖q_b‖² + E = T(U). The kernel records w when C(w) < T₃₂, T evaluated in
-float64, raised by a relative 1e-9 (as `_threshold_search` does, for the float64 evaluation of
-T and of distances) and rounded up to float32: every word within U is recorded. U starts at
-the k-th distance of the k start words and only shrinks: a recorded word's float64 distance is
-measured in C at once (its own summation order, within a relative 1e-14 of numpy's formula,
-far inside the 1e-9 margin) and, if it enters the k best distinct words, T tightens for the
-words after it. T is never below T(final U), so every word within the final U, which is at
-least the k-th nearest distance, is recorded: all k nearest words and anything tied with the
-k-th. The caller ranks start words and recorded words by numpy's float64 formula, ties to the
-smaller id: the float64 scan's answer. A query with more than `cap` recorded words stops
-recording and is marked; the caller answers it another way (the FAISS certificate).
+c(w) ≤ T₀ = (U + σ + ρ)² − ‖q_b‖². The kernel takes T₁ = T₀ + E + 1e-9·(1 + (U + σ + ρ)² +
+‖q_b‖²) (the margin covers the float64 evaluation of T₀ and of distances, as in
+`_threshold_search`) and T′ = fl32↑(T₁ + 2γ_K·(1 + 2⁻⁶)·(|T₁| + 1)) (raised to 2⁻¹⁰⁰ when
+smaller in magnitude, which keeps its parts normal; raising T′ only collects more). Since
+|T′| ≤ 2(|T₁| + 1), γ_K·(1 + 2⁻⁶)·|T′| ≤ T′ − T₁, so R(w) ≤ c(w) − T₀ − 1e-9·(…) < 0: its
+sign bit is set. The kernel records every word whose result has its sign bit set (a negative
+number or −0: a superset). A recorded word's float64 distance is measured in C at once (its
+own summation order, within a relative 1e-14 of numpy's formula, far inside the 1e-9 margin);
+if it enters the k best distinct words, U shrinks and T′ is rewritten into the query's row for
+the blocks after it. T′ is never below its value for the final U, which is at least the k-th
+nearest distance, so every word within the final U is recorded: the k nearest words, anything
+tied with the k-th, and the k words that define the final U (each was scanned under a
+threshold at least the final one), so at least k words. The caller ranks the recorded words
+by numpy's float64 formula, ties to the smaller id: the float64 scan's answer. A query with
+more than `cap` recorded words gets T′ = −10³⁰ (nothing passes) and is marked; the caller
+answers it another way (the FAISS certificate).
 
 Cost (docs/performance.md, "The Laplace family"): the slack σ + ρ ≈ 0.03 on the default
 GloVe-50d index (ρ = 0.024, nearest distances ~5) records ~2 words per point at ε = 10.

@@ -68,9 +68,22 @@ def small_tiles(monkeypatch):  # type: ignore[no-untyped-def]
     monkeypatch.setattr(amx_search, "_BATCH", 70)
 
 
+@pytest.fixture(params=["entry", "faiss"])
+def hnsw_method(request, monkeypatch) -> str:  # type: ignore[no-untyped-def]
+    """Both graph searches: the kernel's (entry word among the first words, level-0 search) and
+    FAISS's. With the kernel, entry words among the first 64 only: on the 2,000-word test index
+    the default (8,192) would make every entry the exact answer, and the graph search idle."""
+    if request.param == "entry":
+        require_amx()
+        monkeypatch.setattr(nearest_mod, "HNSW_ENTRY_WORDS", 64)
+    monkeypatch.setattr(nearest_mod, "HNSW_METHOD", request.param)
+    return str(request.param)
+
+
 def test_auto_picks_the_kernel_where_it_runs() -> None:
-    assert nearest_mod.EXACT_METHOD == "auto"
+    assert nearest_mod.EXACT_METHOD == "auto" and nearest_mod.HNSW_METHOD == "auto"
     assert nearest_mod.exact_method() == ("amx" if amx_search.available() else "threshold")
+    assert nearest_mod.hnsw_method() == ("entry" if amx_search.available() else "faiss")
 
 
 def test_the_kernel_can_be_switched_off(glove_small, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -255,7 +268,7 @@ def test_answer_does_not_depend_on_the_anchor(glove_small) -> None:  # type: ign
     np.testing.assert_array_equal(own, other)
 
 
-def test_hnsw_returns_near_exact_answers_and_recall_measures_them(glove_small) -> None:  # type: ignore[no-untyped-def]
+def test_hnsw_returns_near_exact_answers_and_recall_measures_them(glove_small, hnsw_method: str) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(3)
     v = np.asarray(glove_small.vectors, np.float64)
     anchors = rng.integers(0, glove_small.n, 500)
@@ -277,9 +290,9 @@ def test_hnsw_returns_near_exact_answers_and_recall_measures_them(glove_small) -
     assert lo <= narrow["recall_at_1_uniform"] <= hi
 
 
-def test_hnsw_answer_does_not_depend_on_the_order_of_points(glove_small) -> None:  # type: ignore[no-untyped-def]
-    """nearest_words sorts points by anchor before the graph search: each point's answer must be
-    the one it gets searched alone."""
+def test_hnsw_answer_does_not_depend_on_the_order_of_points(glove_small, hnsw_method: str) -> None:  # type: ignore[no-untyped-def]
+    """nearest_words sorts points (by anchor, or by entry word) before the graph search: each
+    point's answer must be the one it gets searched alone."""
     rng = np.random.default_rng(14)
     v = np.asarray(glove_small.vectors, np.float64)
     anchors = rng.integers(0, glove_small.n, 300)
@@ -290,6 +303,35 @@ def test_hnsw_answer_does_not_depend_on_the_order_of_points(glove_small) -> None
                                           search="hnsw", ef=8)
         np.testing.assert_array_equal(together[i], alone[0])
         np.testing.assert_array_equal(dist[i], alone_dist[0])
+
+
+def test_hnsw_answer_does_not_depend_on_the_anchor(glove_small, hnsw_method: str) -> None:  # type: ignore[no-untyped-def]
+    """The approximate answer is a function of the noisy point alone (post-processing): the
+    input word may order the points, never enter the search."""
+    rng = np.random.default_rng(15)
+    v = np.asarray(glove_small.vectors, np.float64)
+    anchors = rng.integers(0, glove_small.n, 400)
+    noisy = v[anchors] + laplace_noise(rng, len(anchors), glove_small.dim, 10.0)
+    own, own_dist = nearest_words(glove_small, noisy, anchors, k=2, search="hnsw", ef=4)
+    other, other_dist = nearest_words(glove_small, noisy, rng.permutation(anchors), k=2,
+                                      search="hnsw", ef=4)
+    np.testing.assert_array_equal(own, other)
+    np.testing.assert_array_equal(own_dist, other_dist)
+
+
+def test_the_level0_table_is_the_graph_bottom_layer(glove_small) -> None:  # type: ignore[no-untyped-def]
+    """The kernel's graph search walks the FAISS graph's own level-0 lists, cached once."""
+    import faiss
+
+    table = nearest_mod.hnsw_level0(glove_small)
+    graph = nearest_mod.hnsw_index(glove_small).hnsw
+    assert table.shape == (glove_small.n, graph.nb_neighbors(0))
+    begin, end = np.zeros(1, np.uint64), np.zeros(1, np.uint64)
+    for node in (0, 7, glove_small.n - 1):
+        graph.neighbor_range(node, 0, faiss.swig_ptr(begin), faiss.swig_ptr(end))
+        want = faiss.vector_to_array(graph.neighbors)[int(begin[0]) : int(end[0])]
+        np.testing.assert_array_equal(table[node], want)
+    assert len(list((glove_small.path / "derived").glob("hnsw-level0-*.npy"))) == 1
 
 
 def test_hnsw_graph_is_built_once_and_cached(glove_small) -> None:  # type: ignore[no-untyped-def]
@@ -303,7 +345,7 @@ def test_hnsw_graph_is_built_once_and_cached(glove_small) -> None:  # type: igno
 
 
 @pytest.mark.parametrize("name", ["laplace", "mahalanobis", "vickrey"])
-def test_mechanisms_take_the_search_parameter(glove_small, name: str) -> None:  # type: ignore[no-untyped-def]
+def test_mechanisms_take_the_search_parameter(glove_small, hnsw_method: str, name: str) -> None:  # type: ignore[no-untyped-def]
     exact = create(name, glove_small, 10.0, {})
     approx = create(name, glove_small, 10.0, {"search": "hnsw", "hnsw_ef": "32"})
     assert "exact" in " ".join(exact.guarantee.conditions)

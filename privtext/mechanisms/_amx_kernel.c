@@ -29,7 +29,7 @@
 
 /* Bumped with every change of pt_scan or of a function's meaning: amx_search.py refuses a
  * compiled kernel of another version (a stale build) and uses its numpy path instead. */
-#define PT_ABI_VERSION 4
+#define PT_ABI_VERSION 5
 
 int pt_abi_version(void) { return PT_ABI_VERSION; }
 
@@ -61,6 +61,7 @@ typedef struct {
     double gamma;           /* γ_K·(1 + 2⁻⁶): the sum's error per unit of Σ|terms| */
     const int32_t *probe;   /* nq x probe_width word ids whose k nearest start U (any real words) */
     int32_t probe_width;
+    int32_t record;         /* 0: keep only the k best (best_ids), record no candidates, no cap */
 } pt_scan;
 
 static uint16_t pt_bf16(float x) { /* round to nearest even (finite x) */
@@ -81,7 +82,7 @@ static float pt_from_bf16(uint16_t b) {
  * R(w) < 0. An over query gets T' = −1e30: nothing passes. */
 static void pt_fold(pt_scan *s, int64_t q) {
     double t1;
-    if (s->over[q]) {
+    if (s->record && s->over[q]) {
         t1 = -1e30;
     } else {
         double far = s->best_dist[q * s->k + s->k - 1] + s->shift[q];
@@ -152,7 +153,9 @@ static void pt_start(pt_scan *s, int64_t q) {
 /* Record word w for query q; tighten U when w enters the k best. Returns 1 when query q's
  * threshold changed (U tightened, or the query went over its cap). */
 static int pt_take(pt_scan *s, int64_t q, int64_t w) {
-    if (w >= s->n || q >= s->nq || s->over[q]) return 0;
+    if (w >= s->n || q >= s->nq) return 0;
+    if (!s->record) return pt_insert(s, q, w, pt_distance(s, q, w));
+    if (s->over[q]) return 0;
     if (s->counts[q]++ >= s->cap) {
         s->over[q] = 1;
         return 1;
@@ -290,86 +293,6 @@ int64_t pt_amx_scan(pt_scan *s) {
     return s->ncand;
 }
 
-/* For each query, the word of least C among the scan's nblocks*16 words (an approximate nearest
- * word, ties to the first): the HNSW search's entry point. `entry` gets nq ids. */
-__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw")))
-int64_t pt_amx_argmin(const pt_scan *s, int32_t *entry) {
-    pt_tilecfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int i = 0; i < 8; i++) {
-        cfg.colsb[i] = 64;
-        cfg.rows[i] = 16;
-    }
-    _tile_loadconfig(&cfg);
-    const int ksteps = s->pairs / 16;
-    const int64_t qstride = (int64_t)s->pairs * 4;
-    float rows[32][16] __attribute__((aligned(64)));
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for (int64_t q0 = 0; q0 < s->nq; q0 += 32) {
-        const uint32_t *g0 = s->queries + q0 * s->pairs;
-        const uint32_t *g1 = g0 + 16 * s->pairs;
-        __m512 best[32];
-        __m512i where[32];
-        for (int j = 0; j < 32; j++) {
-            best[j] = _mm512_set1_ps(INFINITY);
-            where[j] = lane;
-        }
-        if (ksteps <= 2) {
-            _tile_loadd(0, g0, qstride);
-            _tile_loadd(2, g1, qstride);
-            if (ksteps == 2) {
-                _tile_loadd(1, g0 + 16, qstride);
-                _tile_loadd(3, g1 + 16, qstride);
-            }
-        }
-        for (int64_t b = 0; b < s->nblocks; b++) {
-            const uint32_t *wb = s->words + b * 16 * s->pairs;
-            _tile_zero(6);
-            _tile_zero(7);
-            if (ksteps <= 2) {
-                _tile_loadd(4, wb, 64);
-                _tile_dpbf16ps(6, 0, 4);
-                _tile_dpbf16ps(7, 2, 4);
-                if (ksteps == 2) {
-                    _tile_loadd(5, wb + 256, 64);
-                    _tile_dpbf16ps(6, 1, 5);
-                    _tile_dpbf16ps(7, 3, 5);
-                }
-            } else {
-                for (int st = 0; st < ksteps; st++) {
-                    _tile_loadd(0, g0 + 16 * st, qstride);
-                    _tile_loadd(2, g1 + 16 * st, qstride);
-                    _tile_loadd(4, wb + 256 * st, 64);
-                    _tile_dpbf16ps(6, 0, 4);
-                    _tile_dpbf16ps(7, 2, 4);
-                }
-            }
-            _tile_stored(6, rows[0], 64);
-            _tile_stored(7, rows[16], 64);
-            const __m512i ids = _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)(b * 16)));
-            for (int j = 0; j < 32; j++) {
-                __m512 x = _mm512_load_ps(rows[j]);
-                __mmask16 lt = _mm512_cmp_ps_mask(x, best[j], _CMP_LT_OQ);
-                best[j] = _mm512_mask_mov_ps(best[j], lt, x);
-                where[j] = _mm512_mask_mov_epi32(where[j], lt, ids);
-            }
-        }
-        for (int j = 0; j < 32 && q0 + j < s->nq; j++) {
-            float v[16] __attribute__((aligned(64)));
-            int32_t w[16] __attribute__((aligned(64)));
-            _mm512_store_ps(v, best[j]);
-            _mm512_store_si512((void *)w, where[j]);
-            int pick = 0;
-            for (int l = 1; l < 16; l++)
-                if (v[l] < v[pick] || (v[l] == v[pick] && w[l] < w[pick])) pick = l;
-            entry[q0 + j] = w[pick] < s->n ? w[pick] : 0;
-        }
-    }
-    _tile_release();
-    return 0;
-}
-
 /* Every product C (nq x nblocks*16, row-major) of the scan's queries and words, for the tests
  * of the error bound (small sizes only). */
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw")))
@@ -400,12 +323,161 @@ int64_t pt_amx_products(const pt_scan *s, float *out) {
     return 0;
 }
 
+
+/* ---- The level-0 graph search of `--search hnsw` (nearest.py, `_graph_search`) ----------------
+ * Best-first search of an HNSW graph's bottom layer from one entry word per query, keeping the
+ * ef nearest words seen (float32 squared distances); the k nearest of them are returned, ties
+ * to the smaller id. The same algorithm as FAISS's search_level_0 (HNSW search_layer), with
+ * the neighbour lists as a dense (n, deg) table (-1 ends a short list), the unvisited
+ * neighbours' vectors prefetched before their distances are computed, and a visited mark per
+ * word (an epoch counter, so it is never cleared between queries). */
+
+typedef struct {
+    float d;
+    int32_t id;
+} pt_item;
+
+static inline int pt_before(pt_item a, pt_item b) { return a.d < b.d || (a.d == b.d && a.id < b.id); }
+
+static inline void pt_up_min(pt_item *h, int i) {
+    pt_item x = h[i];
+    while (i > 0) {
+        int p = (i - 1) >> 1;
+        if (!pt_before(x, h[p])) break;
+        h[i] = h[p];
+        i = p;
+    }
+    h[i] = x;
+}
+
+static inline void pt_down_min(pt_item *h, int n, int i) {
+    pt_item x = h[i];
+    for (;;) {
+        int c = 2 * i + 1;
+        if (c >= n) break;
+        if (c + 1 < n && pt_before(h[c + 1], h[c])) c++;
+        if (!pt_before(h[c], x)) break;
+        h[i] = h[c];
+        i = c;
+    }
+    h[i] = x;
+}
+
+static inline void pt_up_max(pt_item *h, int i) {
+    pt_item x = h[i];
+    while (i > 0) {
+        int p = (i - 1) >> 1;
+        if (!pt_before(h[p], x)) break;
+        h[i] = h[p];
+        i = p;
+    }
+    h[i] = x;
+}
+
+static inline void pt_down_max(pt_item *h, int n, int i) {
+    pt_item x = h[i];
+    for (;;) {
+        int c = 2 * i + 1;
+        if (c >= n) break;
+        if (c + 1 < n && pt_before(h[c], h[c + 1])) c++;
+        if (!pt_before(x, h[c])) break;
+        h[i] = h[c];
+        i = c;
+    }
+    h[i] = x;
+}
+
+__attribute__((target("avx512f")))
+static inline float pt_l2(const float *a, const float *b, int m) {
+    __m512 acc = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= m; i += 16) {
+        __m512 d = _mm512_sub_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i));
+        acc = _mm512_fmadd_ps(d, d, acc);
+    }
+    if (i < m) {
+        __mmask16 mk = (__mmask16)((1u << (m - i)) - 1);
+        __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, a + i), _mm512_maskz_loadu_ps(mk, b + i));
+        acc = _mm512_fmadd_ps(d, d, acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* `work`: at least ef + 1 + ef * deg + deg items; `visited`: n uint32, zero at first use;
+ * `epoch`: in/out, the last mark used. Returns 0, or -1 for bad arguments. */
+__attribute__((target("avx512f")))
+int64_t pt_graph_search(const float *vec, int32_t m, int64_t n, const int32_t *adj, int32_t deg,
+                        const float *queries, int64_t nq, const int32_t *entry, int32_t ef,
+                        int32_t k, int64_t *out, uint32_t *visited, uint32_t *epoch, pt_item *work) {
+    if (ef < k || ef < 1 || deg > 4096 || m < 1) return -1;
+    pt_item *res = work, *cand = work + ef + 1;
+    int32_t todo[4096];
+    for (int64_t qi = 0; qi < nq; qi++) {
+        if (++*epoch == 0) {
+            memset(visited, 0, (size_t)n * 4);
+            *epoch = 1;
+        }
+        const uint32_t mark = *epoch;
+        const float *q = queries + qi * m;
+        int32_t e = entry[qi];
+        if (e < 0 || e >= n) e = 0;
+        int nr = 0, nc = 0;
+        float d0 = pt_l2(q, vec + (int64_t)e * m, m);
+        visited[e] = mark;
+        res[nr++] = (pt_item){d0, e};
+        cand[nc++] = (pt_item){d0, e};
+        while (nc) {
+            pt_item c = cand[0];
+            cand[0] = cand[--nc];
+            if (nc) pt_down_min(cand, nc, 0);
+            if (nr >= ef && pt_before(res[0], c)) break;
+            const int32_t *nb = adj + (int64_t)c.id * deg;
+            int nt = 0;
+            for (int j = 0; j < deg; j++) {
+                int32_t w = nb[j];
+                if (w < 0) break;
+                if (visited[w] == mark) continue;
+                visited[w] = mark;
+                todo[nt++] = w;
+                const char *p = (const char *)(vec + (int64_t)w * m);
+                for (int off = 0; off < m * 4; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+            }
+            for (int j = 0; j < nt; j++) {
+                pt_item it = {pt_l2(q, vec + (int64_t)todo[j] * m, m), todo[j]};
+                if (nr < ef || pt_before(it, res[0])) {
+                    cand[nc] = it;
+                    pt_up_min(cand, nc++);
+                    if (nr < ef) {
+                        res[nr] = it;
+                        pt_up_max(res, nr++);
+                    } else {
+                        res[0] = it;
+                        pt_down_max(res, nr, 0);
+                    }
+                }
+            }
+        }
+        for (int j = 0; j < k; j++) { /* the k nearest of the ef kept, by (distance, id) */
+            int best = -1;
+            for (int i = 0; i < nr; i++)
+                if (res[i].id >= 0 && (best < 0 || pt_before(res[i], res[best]))) best = i;
+            out[qi * k + j] = best >= 0 ? res[best].id : res[0].id < 0 ? -1 - res[0].id : res[0].id;
+            if (best >= 0) res[best].id = -1 - res[best].id;
+        }
+    }
+    return 0;
+}
+
 #else
 
 int pt_amx_available(void) { return 0; }
 int64_t pt_amx_scan(pt_scan *s) { (void)s; return -1; }
 int64_t pt_amx_products(const pt_scan *s, float *out) { (void)s; (void)out; return -1; }
-int64_t pt_amx_argmin(const pt_scan *s, int32_t *entry) { (void)s; (void)entry; return -1; }
+int64_t pt_graph_search(const float *vec, int32_t m, int64_t n, const int32_t *adj, int32_t deg,
+                        const float *queries, int64_t nq, const int32_t *entry, int32_t ef,
+                        int32_t k, int64_t *out, uint32_t *visited, uint32_t *epoch, void *work) {
+    return -1;
+}
 
 #endif
 

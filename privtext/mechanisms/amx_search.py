@@ -86,7 +86,7 @@ _TINY = 2.0**-126
 _GROUP = 32  # queries per pass of the kernel (two 16-row tiles)
 _BATCH = 2048  # queries per kernel call: bounds the candidate buffers
 _CHUNK_BLOCKS = 256  # 4,096 words (512 KiB of packed words at m = 50) per pass: stays in L2
-ABI_VERSION = 4  # must equal PT_ABI_VERSION in _amx_kernel.c (a stale build is not used)
+ABI_VERSION = 5  # must equal PT_ABI_VERSION in _amx_kernel.c (a stale build is not used)
 DISABLE_ENV = "PRIVTEXT_AMX"  # "off": never use the kernel (the numpy path answers the same)
 
 _ptr = ctypes.c_void_p
@@ -103,7 +103,7 @@ class _Scan(ctypes.Structure):
         ("best_ids", _ptr), ("best_dist", _ptr), ("shift", _ptr), ("qn2", _ptr), ("err", _ptr),
         ("counts", _ptr), ("over", _ptr), ("cand_q", _ptr), ("cand_w", _ptr),
         ("ncand", ctypes.c_int64), ("chunk_blocks", ctypes.c_int64), ("gamma", ctypes.c_double),
-        ("probe", _ptr), ("probe_width", ctypes.c_int32),
+        ("probe", _ptr), ("probe_width", ctypes.c_int32), ("record", ctypes.c_int32),
     ]
 
 
@@ -138,8 +138,10 @@ def _load() -> Any:
     lib.pt_amx_scan.restype = ctypes.c_int64
     lib.pt_amx_scan.argtypes = [ctypes.POINTER(_Scan)]
     lib.pt_amx_products.restype = ctypes.c_int64
-    lib.pt_amx_argmin.restype = ctypes.c_int64
-    lib.pt_amx_argmin.argtypes = [ctypes.POINTER(_Scan), ctypes.c_void_p]
+    lib.pt_graph_search.restype = ctypes.c_int64
+    lib.pt_graph_search.argtypes = [_ptr, ctypes.c_int32, ctypes.c_int64, _ptr, ctypes.c_int32,
+                                    _ptr, ctypes.c_int64, _ptr, ctypes.c_int32, ctypes.c_int32,
+                                    _ptr, _ptr, _ptr, _ptr]
     lib.pt_amx_products.argtypes = [ctypes.POINTER(_Scan), ctypes.c_void_p]
     # Asks the kernel for the tile-data permission of this process (idempotent; a forked
     # worker inherits it, and asks again harmlessly).
@@ -253,7 +255,7 @@ def collect(index: EmbeddingIndex, noisy: np.ndarray, probe: np.ndarray, k: int,
                      best_ids.ctypes.data, best_dist.ctypes.data, shift.ctypes.data,
                      qn2.ctypes.data, err.ctypes.data, counts.ctypes.data, flags.ctypes.data,
                      out_q.ctypes.data, out_w.ctypes.data, 0, _CHUNK_BLOCKS, gamma,
-                     rows.ctypes.data, rows.shape[1])
+                     rows.ctypes.data, rows.shape[1], 1)
         found = lib.pt_amx_scan(ctypes.byref(scan))
         if found < 0:
             raise RuntimeError("the AMX kernel is not compiled for this platform")
@@ -305,20 +307,57 @@ def products(index: EmbeddingIndex, noisy: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def nearest_of_first(index: EmbeddingIndex, noisy: np.ndarray, count: int) -> np.ndarray:
-    """For each point, the word among the first `count` ids (rounded up to 16) of least bf16
-    C(w), an approximate nearest word among them (int32 ids): computed from the point alone.
-    Requires `available()`."""
+    """For each point, its nearest word among the first `count` ids (rounded up to a multiple
+    of 16; the vocabulary is in frequency order, so these are the most frequent words), by the
+    kernel's float64 distance (int32 ids). The scan of `collect` without candidates: U starts
+    at ∞ and tightens as nearer words turn up. Computed from the point alone. Requires
+    `available()`."""
     lib = _library()
     if lib is None:
         raise RuntimeError("the AMX kernel is not available")
     packed = packed_words(index)
-    z = np.ascontiguousarray(noisy, dtype=np.float64)
-    entry = np.zeros(len(z), dtype=np.int32)
     blocks = min(packed.blocks, -(-count // 16))
-    for lo in range(0, len(z), _BATCH):
-        queries, *_ = _queries(packed, z[lo : lo + _BATCH])
+    gamma = _gamma(packed) * (1 + 2.0**-6)
+    entry = np.empty(len(noisy), dtype=np.int32)
+    for lo in range(0, len(noisy), _BATCH):
+        z = np.ascontiguousarray(noisy[lo : lo + _BATCH], dtype=np.float64)
+        nq = len(z)
+        queries, shift, qn2, err = _queries(packed, z)
+        best_ids = np.empty((nq, 1), dtype=np.int64)
+        best_dist = np.empty((nq, 1), dtype=np.float64)
+        flags = np.zeros(nq, dtype=np.uint8)
         scan = _Scan(packed.words.ctypes.data, blocks, packed.n, packed.pairs, packed.m,
-                     packed.vectors.ctypes.data, queries.ctypes.data, 0, len(z[lo : lo + _BATCH]))
-        if lib.pt_amx_argmin(ctypes.byref(scan), entry[lo:].ctypes.data) < 0:
+                     packed.vectors.ctypes.data, queries.ctypes.data, z.ctypes.data, nq, 1, 0,
+                     best_ids.ctypes.data, best_dist.ctypes.data, shift.ctypes.data,
+                     qn2.ctypes.data, err.ctypes.data, None, flags.ctypes.data, None, None, 0,
+                     _CHUNK_BLOCKS, gamma, None, 0, 0)
+        if lib.pt_amx_scan(ctypes.byref(scan)) < 0:
             raise RuntimeError("the AMX kernel is not compiled for this platform")
+        entry[lo : lo + nq] = best_ids[:, 0]
     return entry
+
+
+def graph_search(adjacency: np.ndarray, vectors: np.ndarray, queries: np.ndarray,
+                 entry: np.ndarray, ef: int, k: int) -> np.ndarray:
+    """`pt_graph_search` (its comment): the k nearest words that a best-first search of the
+    graph `adjacency` (n × deg int32, −1 ends a list) finds from `entry[i]` for queries[i],
+    keeping `ef` words; (t, k) int64 ids. Approximate. Requires `available()`."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the AMX kernel is not available")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    adjacency = np.ascontiguousarray(adjacency, dtype=np.int32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    entry = np.ascontiguousarray(entry, dtype=np.int32)
+    n, deg = adjacency.shape
+    ef = max(int(ef), k)
+    out = np.empty((len(queries), k), dtype=np.int64)
+    visited = np.zeros(n, dtype=np.uint32)
+    epoch = np.zeros(1, dtype=np.uint32)
+    work = np.empty(2 * (ef + 1 + ef * deg + deg), dtype=np.int32)  # (float, int32) items
+    if lib.pt_graph_search(vectors.ctypes.data, vectors.shape[1], n, adjacency.ctypes.data, deg,
+                           queries.ctypes.data, len(queries), entry.ctypes.data, ef, k,
+                           out.ctypes.data, visited.ctypes.data, epoch.ctypes.data,
+                           work.ctypes.data) < 0:
+        raise RuntimeError("the graph search refused its arguments")
+    return out

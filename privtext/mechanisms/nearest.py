@@ -74,6 +74,14 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 16
 HNSW_ARTIFACT = "hnsw-graph"
+HNSW_LEVEL0_ARTIFACT = "hnsw-level0"
+# The graph search with the compiled kernel enters the bottom layer at the point's nearest word
+# among the first HNSW_ENTRY_WORDS (the most frequent) words, found by the AMX scan, instead of
+# descending the upper layers (measured: docs/performance.md, "The Laplace family").
+HNSW_ENTRY_WORDS = 8192
+# "auto": "entry" (the kernel's entry word and level-0 search) where the kernel runs, else
+# "faiss" (FAISS's own HNSW search, entered at the graph's fixed entry point).
+HNSW_METHOD = "auto"
 _U32 = 2.0**-24
 
 
@@ -132,6 +140,8 @@ class NearestSearch:
         called once in the parent by prepare(), before workers start."""
         if self.search == "hnsw" and self._recall is None:
             hnsw_index(self.index)
+            if hnsw_method() == "entry":
+                hnsw_level0(self.index)
             self._recall = measure_recall(self.index, self.noise, self.ef_search)
 
     def search_info(self) -> dict[str, Any]:
@@ -153,6 +163,8 @@ def nearest_words(index: EmbeddingIndex, noisy: np.ndarray, anchors: np.ndarray,
     if t == 0:
         return out_ids, out_dist
     if search == "hnsw":
+        if hnsw_method() == "entry":
+            return _graph_search(index, noisy, k, ef)
         # Points of the same word land in the same region of the graph: searched together they
         # find its nodes in cache (+13% queries/s measured at ε = 10). Each point's search is
         # independent of the others, so the order changes no answer.
@@ -475,6 +487,67 @@ def _build_hnsw(index: EmbeddingIndex) -> np.ndarray:
     graph.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     graph.add(np.ascontiguousarray(index.vectors, dtype=np.float32))
     return faiss.serialize_index(graph)
+
+
+def hnsw_method() -> str:
+    """The graph search in use: `HNSW_METHOD` with "auto" resolved."""
+    if HNSW_METHOD != "auto":
+        return HNSW_METHOD
+    from privtext.mechanisms import amx_search
+
+    return "entry" if amx_search.available() else "faiss"
+
+
+def _build_level0(index: EmbeddingIndex) -> np.ndarray:
+    """The bottom layer of the cached HNSW graph as an (n, 2M) int32 table (−1 ends a short
+    list): public data derived from the public vectors."""
+    import faiss
+
+    graph = hnsw_index(index).hnsw
+    width = graph.nb_neighbors(0)
+    neighbors = faiss.vector_to_array(graph.neighbors)
+    offsets = faiss.vector_to_array(graph.offsets).astype(np.int64)
+    # cum_nb_neighbors(0) = 0: each node's level-0 list opens its range.
+    return np.ascontiguousarray(neighbors[offsets[:-1, None] + np.arange(width)], dtype=np.int32)
+
+
+_LEVEL0: dict[str, np.ndarray] = {}
+
+
+def hnsw_level0(index: EmbeddingIndex) -> np.ndarray:
+    """The level-0 table, cached under derived/ with the graph and memory-mapped (workers share
+    it through the page cache); prepare_search() builds it in the parent."""
+    key = str(index.path)
+    if key not in _LEVEL0:
+        _LEVEL0[key] = index.derived_artifact(
+            HNSW_LEVEL0_ARTIFACT, {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "version": 1},
+            _build_level0)
+    return _LEVEL0[key]
+
+
+_VECTORS32: dict[str, np.ndarray] = {}
+
+
+def _graph_search(index: EmbeddingIndex, noisy: np.ndarray, k: int,
+                  ef: int) -> tuple[np.ndarray, np.ndarray]:
+    """`search="hnsw"` with the compiled kernel: each point's nearest word among the first
+    `HNSW_ENTRY_WORDS` words (exact, by the AMX scan) is its entry into the graph's bottom
+    layer, searched best-first keeping `ef` words (`amx_search.graph_search`); the k found are
+    re-ranked in float64. Everything is computed from the noisy point alone (never from the
+    input word: that would not be post-processing). Points are searched sorted by entry word
+    (nearby points walk the same part of the graph while it is in cache); each point's search
+    is independent of the others, so the order changes no answer."""
+    from privtext.mechanisms import amx_search
+
+    key = str(index.path)
+    if key not in _VECTORS32:
+        _VECTORS32[key] = np.ascontiguousarray(index.vectors, dtype=np.float32)
+    entry = amx_search.nearest_of_first(index, noisy, HNSW_ENTRY_WORDS)
+    order = np.argsort(entry, kind="stable")
+    found = np.empty((len(noisy), k), dtype=np.int64)
+    found[order] = amx_search.graph_search(hnsw_level0(index), _VECTORS32[key], noisy[order],
+                                           entry[order], ef, k)
+    return _rerank(index, noisy, found, k)
 
 
 def hnsw_index(index: EmbeddingIndex) -> Any:

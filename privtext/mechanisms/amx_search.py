@@ -162,12 +162,13 @@ def reset() -> None:
 
 
 def bf16_bits(values: np.ndarray) -> np.ndarray:
-    """bf16 bit patterns (uint16) of float32 values, round to nearest even; magnitudes below
-    2⁻¹²⁶ become 0 (the hardware treats subnormal inputs as zero)."""
+    """bf16 bit patterns (uint16) of finite float32 values, round to nearest even; magnitudes
+    below 2⁻¹²⁶ become 0 (the hardware treats subnormal inputs as zero)."""
     f = np.ascontiguousarray(values, dtype=np.float32)
-    u = f.view(np.uint32).astype(np.uint64)
-    out = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    out[np.abs(f) < _TINY] = 0
+    u = f.view(np.uint32)
+    # No overflow: the largest finite pattern, 0xFF7FFFFF, plus 0x8000 stays below 2³².
+    out = ((u + ((u >> 16) & 1) + np.uint32(0x7FFF)) >> 16).astype(np.uint16)
+    out[(u & np.uint32(0x7F800000)) == 0] = 0  # zero exponent: zero or subnormal
     return out
 
 
@@ -319,6 +320,9 @@ def nearest_of_first(index: EmbeddingIndex, noisy: np.ndarray, count: int) -> np
     blocks = min(packed.blocks, -(-count // 16))
     gamma = _gamma(packed) * (1 + 2.0**-6)
     entry = np.empty(len(noisy), dtype=np.int32)
+    # U starts at the nearest of the first 16 words (the same for every point): fewer
+    # improvements, each of which costs a slow pass over a block, than from U = ∞.
+    start = np.arange(min(16, packed.n), dtype=np.int32)
     for lo in range(0, len(noisy), _BATCH):
         z = np.ascontiguousarray(noisy[lo : lo + _BATCH], dtype=np.float64)
         nq = len(z)
@@ -326,11 +330,12 @@ def nearest_of_first(index: EmbeddingIndex, noisy: np.ndarray, count: int) -> np
         best_ids = np.empty((nq, 1), dtype=np.int64)
         best_dist = np.empty((nq, 1), dtype=np.float64)
         flags = np.zeros(nq, dtype=np.uint8)
+        probe = np.ascontiguousarray(np.broadcast_to(start, (nq, len(start))))  # kept alive
         scan = _Scan(packed.words.ctypes.data, blocks, packed.n, packed.pairs, packed.m,
                      packed.vectors.ctypes.data, queries.ctypes.data, z.ctypes.data, nq, 1, 0,
                      best_ids.ctypes.data, best_dist.ctypes.data, shift.ctypes.data,
                      qn2.ctypes.data, err.ctypes.data, None, flags.ctypes.data, None, None, 0,
-                     _CHUNK_BLOCKS, gamma, None, 0, 0)
+                     _CHUNK_BLOCKS, gamma, probe.ctypes.data, len(start), 0)
         if lib.pt_amx_scan(ctypes.byref(scan)) < 0:
             raise RuntimeError("the AMX kernel is not compiled for this platform")
         entry[lo : lo + nq] = best_ids[:, 0]

@@ -78,7 +78,7 @@ HNSW_LEVEL0_ARTIFACT = "hnsw-level0"
 # The graph search with the compiled kernel enters the bottom layer at the point's nearest word
 # among the first HNSW_ENTRY_WORDS (the most frequent) words, found by the AMX scan, instead of
 # descending the upper layers (measured: docs/performance.md, "The Laplace family").
-HNSW_ENTRY_WORDS = 8192
+HNSW_ENTRY_WORDS = 4096
 # "auto": "entry" (the kernel's entry word and level-0 search) where the kernel runs, else
 # "faiss" (FAISS's own HNSW search, entered at the graph's fixed entry point).
 HNSW_METHOD = "auto"

@@ -1,7 +1,11 @@
 """Nearest vocabulary words to noisy points: certified exact search, or HNSW (approximate).
 
 Exact search (`search="exact"`, the default) returns the k nearest words in float64 distances of
-the stored vectors, certified word by word:
+the stored vectors, certified word by word. Where the compiled kernel runs (x86-64 Linux with
+AMX-BF16, `amx_search.available()`), `_amx_search` does it in one step: the threshold search of
+2. below with its collection in bf16 on AMX tiles (proof in `amx_search`), started from the
+anchor's first `TABLE_PROBE` table words, the collected words ranked here in float64; points
+over `CANDIDATE_CAP` take the certificate of 3. Elsewhere (or with ``PRIVTEXT_AMX=off``):
 
 1. Table pruning. For z = φ(x) + noise with ‖noise‖ = r, any word w outside x's K-row of the
    table has ‖φ(w) − φ(x)‖ ≥ κ_x (the K-th table distance, lowered by the float32 slack of the
@@ -25,10 +29,14 @@ the stored vectors, certified word by word:
    precision) repeat this with `WIDE` candidates, and whatever is still uncertified is searched
    by a float64 scan of the whole vocabulary.
 
-Ties in float64 go to the smaller id. `search="hnsw"` asks an HNSW graph (faiss.IndexHNSWFlat,
-built once per index and cached with it) for the k nearest, then re-ranks them in float64: fast,
-approximate. Since the search only post-processes the noisy point, the privacy guarantee is the
-same; only the output distribution differs, by the measured recall@1 (`measure_recall`).
+Ties in float64 go to the smaller id. `search="hnsw"` searches an HNSW graph
+(faiss.IndexHNSWFlat, built once per index and cached with it) for the k nearest, then re-ranks
+them in float64: fast, approximate. With the compiled kernel (`_graph_search`) each point enters
+the graph's bottom layer at its nearest word among the `HNSW_ENTRY_WORDS` most frequent ones
+(found by the AMX scan), otherwise FAISS's own search descends from the graph's entry point.
+Either way the search is a function of the noisy point alone (never of the input word), so the
+privacy guarantee is the same; only the output distribution differs, by the measured recall@1
+(`measure_recall`, which names the graph search used).
 """
 
 from __future__ import annotations
@@ -586,8 +594,13 @@ def measure_recall(index: EmbeddingIndex, noise: Any, ef: int = HNSW_EF_SEARCH, 
     rng = np.random.default_rng(seed)
     count = min(sample, index.n)
     ranks = 1.0 / np.arange(1, index.n + 1, dtype=np.float64)
+    method = hnsw_method()
     result: dict[str, Any] = {"queries_per_sample": count, "efSearch": int(ef), "M": HNSW_M,
                               "efConstruction": HNSW_EF_CONSTRUCTION,
+                              "graph_search": (f"bottom layer entered at the point's nearest of the "
+                                               f"first {HNSW_ENTRY_WORDS} words (compiled kernel)"
+                                               if method == "entry" else
+                                               "FAISS HNSW search from the graph's entry point"),
                               "queries_from": "vocabulary words with the mechanism's noise (public "
                                               "seed, no corpus data)"}
     for label, words in (("uniform", rng.integers(0, index.n, size=count)),

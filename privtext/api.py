@@ -265,6 +265,32 @@ class Anonymizer:
             self._seconds += time.perf_counter() - start
         return out, counters
 
+    def perturb_spans(self, text: str, starts: Any, ends: Any,
+                      stream: StreamId | None = None) -> tuple[str, np.ndarray, np.ndarray, Counters]:
+        """The documents text[starts[i]:ends[i]] perturbed in place, for callers whose records
+        sit in one buffer (a codec's chunk): (new text, new starts, new ends, this call's counts).
+
+        Everything outside the spans is kept; spans are ascending with at least one character
+        between two of them. The result is `perturb_batch` of the span texts on the same stream,
+        spliced back, without cutting the texts out one by one."""
+        if not isinstance(text, str):
+            raise InputTypeError(f"perturb_spans() takes a str, not a {type(text).__name__}")
+        rng = self._take_stream(stream)
+        start = time.perf_counter()
+        try:
+            new_text, new_starts, new_ends, counters = self._core.perturber.perturb_spans(text, starts, ends, rng)
+        except ValueError as exc:
+            raise UsageError(f"perturb_spans(): {exc}") from None
+        with self._lock:
+            self._counters.merge(counters)
+            self._seconds += time.perf_counter() - start
+        return new_text, new_starts, new_ends, counters
+
+    def writes_json_plain(self) -> bool:
+        """Whether every replacement this object can write is a JSON string's content as is
+        (no quote, backslash or control character), so a codec may splice it unescaped."""
+        return self._core.perturber.writes_json_plain()
+
     def perturb_arrow(self, data: Any, column: str = "text", stream: StreamId | None = None) -> Any:
         """A copy of a pyarrow RecordBatch or Table with `column` perturbed.
 

@@ -43,10 +43,11 @@ def _pack(cps: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.
 
     `cps` must hold at least PACKED_CHARS code points after the last start (callers pad)."""
     packable = lengths <= PACKED_CHARS
-    if cps.size and int(cps.max()) > 255:
-        wide = np.zeros(cps.size + 1, dtype=np.int64)
-        np.cumsum(cps > 255, out=wide[1:])
-        packable &= wide[np.minimum(starts + lengths, cps.size)] == wide[starts]
+    wide_at = np.flatnonzero(cps > 255)  # usually few: mark the words that hold them
+    if wide_at.size:
+        holder = np.searchsorted(starts, wide_at, side="right") - 1
+        inside = (holder >= 0) & (wide_at < starts[np.maximum(holder, 0)] + lengths[np.maximum(holder, 0)])
+        packable[holder[inside]] = False
     window = np.lib.stride_tricks.sliding_window_view(cps.astype(np.uint8), PACKED_CHARS)
     packed = window[np.minimum(starts, len(window) - 1)].view(np.uint64)  # a (words, 2) copy
     packed &= _KEEP[np.where(packable, lengths, 0)]

@@ -124,12 +124,14 @@ def _utf32(text: str) -> np.ndarray:
 
 @dataclass
 class _Segmentation:
-    """Where the words are in a chunk joined as BREAK + doc0 + BREAK + doc1 + ... + BREAK."""
+    """Where the words are in a chunk's code points, framed by non-word BREAK positions: either
+    documents joined as BREAK + doc0 + BREAK + doc1 + ... + BREAK, or one buffer in which
+    everything outside the given spans is marked BREAK."""
 
     cps: np.ndarray  # uint32 code points of the joined chunk
     flags: np.ndarray  # uint8 flags per code point
     in_word: np.ndarray  # bool per code point
-    breaks: np.ndarray  # (docs + 1,) positions of the BREAK separators
+    breaks: np.ndarray  # (docs + 1,) the BREAK before each document, then the last one (joined form)
     starts: np.ndarray  # (words,) first code point of each word
     ends: np.ndarray  # (words,) one past its last code point
     doc_words: np.ndarray  # (docs + 1,) index of the first word of each document, then the total
@@ -145,7 +147,32 @@ def _segment(texts: list[str]) -> _Segmentation:
     cps = _utf32("\x00".join(["", *texts, ""]))
     flags = _table().lookup(cps)
     flags[breaks] = _BREAK
+    return _find_words(cps, flags, breaks, breaks)
 
+
+def _segment_spans(text: str, span_starts: np.ndarray, span_ends: np.ndarray) -> _Segmentation:
+    """The segmentation of `text` framed by a BREAK at each end (positions shift by one), in
+    which only the code points of the spans [span_starts[i], span_ends[i]) can be words: every
+    code point outside them is a BREAK. A span's words are then exactly those of the span's
+    text segmented on its own, as `_segment` does for a list of documents: a word never crosses
+    a span's edge, and an extender at a span's first position has a BREAK before it."""
+    cps = _utf32("\x00" + text + "\x00")
+    flags = _table().lookup(cps)
+    # Alternating runs: outside (the frame and the gaps) and inside (the spans).
+    bounds = np.empty(2 * len(span_starts) + 2, dtype=np.int64)
+    bounds[0], bounds[-1] = 0, len(cps)
+    bounds[1:-1:2] = span_starts + 1
+    bounds[2:-1:2] = span_ends + 1
+    outside = np.zeros(len(bounds) - 1, dtype=np.bool_)
+    outside[0::2] = True
+    np.putmask(flags, np.repeat(outside, np.diff(bounds)), _BREAK)
+    doc_bounds = np.append(span_starts + 1, len(cps))
+    return _find_words(cps, flags, doc_bounds, doc_bounds)
+
+
+def _find_words(cps: np.ndarray, flags: np.ndarray, breaks: np.ndarray, doc_bounds: np.ndarray) -> _Segmentation:
+    """Word boundaries from the code points' flags; `doc_bounds` (ascending, one per document
+    and a last one past every word) split the words into documents."""
     in_word = (flags & _WORD).view(np.bool_)
     extenders = np.flatnonzero(flags & _EXTEND)
     if extenders.size:
@@ -166,7 +193,7 @@ def _segment(texts: list[str]) -> _Segmentation:
     # BREAK (what str.split() finds in the text between words, document by document).
     other = ~in_word & ((flags & (_SPACE | _BREAK)) == 0)
     other_tokens = int(np.count_nonzero(other[1:] & ~other[:-1]))
-    doc_words = np.searchsorted(starts, breaks)
+    doc_words = np.searchsorted(starts, doc_bounds)
     return _Segmentation(cps, flags, in_word, breaks, starts, ends, doc_words, other_tokens)
 
 
@@ -320,6 +347,7 @@ class TextPerturber:
         self._packed_vocabulary: PackedVocabulary | None = None
         self._nfc_vocabulary: PackedVocabulary | None = None
         self._vocab: _Vocabulary | None = None
+        self._json_plain: bool | None = None
 
     def _vocabulary(self) -> _Vocabulary:
         if self._vocab is None:
@@ -364,13 +392,70 @@ class TextPerturber:
     def perturb_texts(self, texts: list[str], rng: np.random.Generator) -> tuple[list[str], ChunkCounters]:
         counters = ChunkCounters(records=len(texts))
         seg = _segment(texts)
+        if len(seg.starts) == 0:
+            return list(texts), self._count_empty(counters, seg, len(texts))
+        text, growth = self._perturb_words(seg, rng, counters)
+        doc_at = (seg.breaks + growth[seg.doc_words]).tolist()
+        return [text[a + 1 : b] for a, b in pairwise(doc_at)], counters
+
+    def perturb_spans(self, text: str, starts: np.ndarray, ends: np.ndarray,
+                      rng: np.random.Generator) -> tuple[str, np.ndarray, np.ndarray, ChunkCounters]:
+        """The documents text[starts[i]:ends[i]] perturbed in place: (the new text, the new
+        spans, counters). Everything outside the spans is kept as is. Spans are ascending with at
+        least one code point between two of them (that code point is what keeps a word from
+        running from one document into the next).
+
+        The same as `perturb_documents([text[s:e] for s, e in spans], rng)` spliced back into
+        `text`, with the same draws from `rng`, but with no Python per document: a codec whose
+        records sit in one buffer (a JSONL chunk) perturbs their values without cutting them
+        out and joining them back."""
+        starts = np.asarray(starts, dtype=np.int64)
+        ends = np.asarray(ends, dtype=np.int64)
+        if len(starts) and not (starts[0] >= 0 and ends[-1] <= len(text) and (ends >= starts).all()
+                                and (starts[1:] > ends[:-1]).all()):
+            raise ValueError("spans must be ascending, within the text, with a gap between two spans")
+        if len(starts) and int((ends - starts).max()) > LONG_DOCUMENT_CHARS:
+            return self._perturb_spans_in_pieces(text, starts, ends, rng)
+        counters = ChunkCounters(records=len(starts))
+        seg = _segment_spans(text, starts, ends)
+        if len(seg.starts) == 0:
+            return text, starts, ends, self._count_empty(counters, seg, len(starts))
+        framed, growth = self._perturb_words(seg, rng, counters)
+        return (framed[1:-1], starts + growth[seg.doc_words[:-1]], ends + growth[seg.doc_words[1:]],
+                counters)
+
+    def _perturb_spans_in_pieces(self, text: str, starts: np.ndarray, ends: np.ndarray,
+                                 rng: np.random.Generator) -> tuple[str, np.ndarray, np.ndarray, ChunkCounters]:
+        """perturb_spans when a span is long enough to be perturbed piece by piece."""
+        bounds = np.column_stack([starts, ends]).ravel().tolist()
+        docs = [text[a:b] for a, b in zip(bounds[0::2], bounds[1::2])]
+        new_docs, counters = self.perturb_documents(docs, rng)
+        between = [text[a:b] for a, b in pairwise([0, *bounds, len(text)])][0::2]
+        pieces = [between[0]]
+        new_starts, new_ends, at = [], [], len(between[0])
+        for doc, after in zip(new_docs, between[1:]):
+            new_starts.append(at)
+            at += len(doc)
+            new_ends.append(at)
+            pieces += [doc, after]
+            at += len(after)
+        return ("".join(pieces), np.array(new_starts, dtype=np.int64), np.array(new_ends, dtype=np.int64),
+                counters)
+
+    @staticmethod
+    def _count_empty(counters: ChunkCounters, seg: _Segmentation, docs: int) -> ChunkCounters:
+        counters.other_tokens = seg.other_tokens
+        counters.doc_hist = np.bincount(np.zeros(docs, np.int64), minlength=1)
+        return counters
+
+    def _perturb_words(self, seg: _Segmentation, rng: np.random.Generator,
+                       counters: ChunkCounters) -> tuple[str, np.ndarray]:
+        """The segmented chunk with its words perturbed, as one string (BREAK positions
+        included), and `growth`: the change in length before each word (then the total)."""
         starts, ends = seg.starts, seg.ends
         n_words = len(starts)
         counters.word_tokens = n_words
         counters.other_tokens = seg.other_tokens
-        if n_words == 0:
-            counters.doc_hist = np.bincount(np.zeros(len(texts), np.int64), minlength=1)
-            return list(texts), counters
 
         ids, recased = self._look_up(seg)
         known = ids >= 0
@@ -427,8 +512,8 @@ class TextPerturber:
 
         growth = np.zeros(n_words + 1, dtype=np.int64)
         np.cumsum(new_lengths - (ends - starts), out=growth[1:])
-        doc_at = (seg.breaks + growth[seg.doc_words]).tolist()
-        return [text[a + 1 : b] for a, b in pairwise(doc_at)], counters
+        return text, growth
+
 
     def _look_up(self, seg: _Segmentation) -> tuple[np.ndarray, np.ndarray]:
         """(vocabulary id or -1 per word, indices of in-vocabulary words that carry case).
@@ -471,10 +556,28 @@ class TextPerturber:
             candidates = np.array([j for j, (a, b) in enumerate(pairs) if a != b], dtype=np.int64)
         return ids, candidates[ids[candidates] >= 0]
 
+    def writes_json_plain(self) -> bool:
+        """Whether no replacement this perturber writes holds a character that a JSON string
+        must escape ('"', '\\', below U+0020): the vocabulary in all its spellings and the mask
+        token. A kept OOV word is one of the input's own words, which hold none. The
+        vocabulary's answer is a cached derived file, so a worker reads one number."""
+        if self._json_plain is None:
+            def scan(_index: EmbeddingIndex) -> np.ndarray:
+                cps = self._vocabulary().cps
+                return np.array([not ((cps < 0x20) | (cps == ord('"')) | (cps == ord("\\"))).any()])
+
+            vocabulary_plain = self._index.derived_artifact(
+                "text-json-plain", {"format": _TABLES_FORMAT}, scan, uncached_if_read_only=True)
+            mask_plain = not any(c in '"\\' or c < " " for c in self.mask_token)
+            self._json_plain = bool(vocabulary_plain[0]) and mask_plain
+        return self._json_plain
+
     def prepare(self) -> None:
         """Build the cached lookup and spelling tables now (in the parent, before workers)."""
         self._vocabulary()
         self._packed()
+        self._vocabulary_is_nfc()
+        self.writes_json_plain()
 
     def _derived(self, name: str,
                  build: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -503,11 +606,10 @@ class TextPerturber:
         dictionary of the whole vocabulary is built (~13 MiB a worker)."""
         if nfc:
             if self._nfc_vocabulary is None:
-                aliases, words = self._index.aliases(), self._index.words
-                if unicodedata.is_normalized("NFC", "\n".join([*aliases, *words])):
+                if self._vocabulary_is_nfc():
                     self._nfc_vocabulary = self._packed()
                 else:  # rare, so built in memory and never cached
-                    entries = self._entries(aliases, words)
+                    entries = self._entries(self._index.aliases(), self._index.words)
                     nfc_keys = [(unicodedata.normalize("NFC", k), i) for keys, ids in entries
                                 for k, i in zip(keys, ids.tolist())]
                     entries.append(([k for k, _ in nfc_keys],
@@ -515,20 +617,38 @@ class TextPerturber:
                     self._nfc_vocabulary = PackedVocabulary.build(*entries)[0]
             return self._nfc_vocabulary
         if self._packed_vocabulary is None:
-            aliases = self._index.aliases()
-
             def build() -> tuple[np.ndarray, np.ndarray]:
-                table, unpacked_at = PackedVocabulary.build(*self._entries(aliases, self._index.words))
+                table, unpacked_at = PackedVocabulary.build(*self._entries(self._index.aliases(), self._index.words))
                 return table.table, unpacked_at
 
             table, unpacked_at = self._derived("lookup", build)
-            # The unpacked keys (long or non-Latin-1 words) are named by their positions.
-            (alias_keys, alias_ids), (words, word_ids) = (
-                self._entries(aliases, self._index.words) if len(unpacked_at) else (([], []), ([], [])))
-            keys = [*alias_keys, *words]
-            ids = np.concatenate([np.asarray(alias_ids, dtype=np.int64), np.asarray(word_ids, dtype=np.int64)])
-            self._packed_vocabulary = PackedVocabulary(table, unpacked_keys(keys, ids, unpacked_at))
+
+            def build_unpacked() -> tuple[np.ndarray, np.ndarray]:
+                # The keys that cannot be packed (long or non-Latin-1 words), in priority order,
+                # with their ids: a worker then never reads the whole word list.
+                entries = self._entries(self._index.aliases(), self._index.words)
+                keys = [k for group, _ in entries for k in group]
+                ids = np.concatenate([group_ids for _, group_ids in entries])
+                at = unpacked_at.tolist()
+                return _utf32("\n".join(keys[i] for i in at)), ids[unpacked_at]
+
+            unpacked: dict[str, int] = {}
+            if len(unpacked_at):
+                key_cps, key_ids = self._derived("lookup-unpacked", build_unpacked)
+                keys = codecs.utf_32_le_decode(key_cps, "surrogatepass", True)[0].split("\n")
+                unpacked = unpacked_keys(keys, np.asarray(key_ids), np.arange(len(keys)))
+            self._packed_vocabulary = PackedVocabulary(table, unpacked)
         return self._packed_vocabulary
+
+    def _vocabulary_is_nfc(self) -> bool:
+        """Whether every vocabulary key is in NFC (then the NFC lookup is the plain one), as a
+        cached derived file: a worker does not read the word list to learn it."""
+        def check(_index: EmbeddingIndex) -> np.ndarray:
+            keys = "\n".join([*self._index.aliases(), *self._index.words])
+            return np.array([unicodedata.is_normalized("NFC", keys)])
+
+        return bool(self._index.derived_artifact("text-vocabulary-nfc", {"format": _TABLES_FORMAT}, check,
+                                                 uncached_if_read_only=True)[0])
 
     @staticmethod
     def _entries(aliases: dict[str, int], words: list[str]) -> list[tuple[list[str], np.ndarray]]:

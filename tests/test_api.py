@@ -363,3 +363,27 @@ def test_from_mechanism_draws_what_the_constructor_draws(glove_small) -> None:  
     assert wrapped.perturb(TEXTS, stream=(3, 4)) == anon.perturb(TEXTS, stream=(3, 4))
     with pytest.raises(UsageError, match="oov must be one of"):
         Anonymizer.from_mechanism(anon.mechanism, oov="leak")
+
+
+def test_perturb_spans_equals_perturb_of_the_span_texts(glove_small) -> None:  # type: ignore[no-untyped-def]
+    texts = ["The city police said.", "", "A new MARKET, the report!", "zzqxv day"]
+    buffer, starts, ends = "", [], []
+    for text in texts:
+        buffer += '{"text": "'
+        starts.append(len(buffer))
+        buffer += text
+        ends.append(len(buffer))
+        buffer += '"}\n'
+    a = Anonymizer("gumbel", epsilon=300, index=glove_small, seed="spans")
+    b = Anonymizer("gumbel", epsilon=300, index=glove_small, seed="spans")
+    new, new_starts, new_ends, counts = a.perturb_spans(buffer, starts, ends, stream=(0, 3))
+    expected = b.perturb(texts, stream=(0, 3))
+    assert [new[s:e] for s, e in zip(new_starts, new_ends)] == expected
+    assert new.count('{"text": "') == len(texts) and counts.records == len(texts)
+    assert a.counters.word_tokens == b.counters.word_tokens > 0
+    with pytest.raises(UsageError, match="already used"):
+        a.perturb_spans(buffer, starts, ends, stream=(0, 3))
+    with pytest.raises(UsageError, match="spans must be"):
+        a.perturb_spans("the cat", [0, 3], [3, 7], stream=(0, 4))  # touching spans
+    with pytest.raises(InputTypeError):
+        a.perturb_spans(b"bytes", [0], [1], stream=(0, 5))  # type: ignore[arg-type]

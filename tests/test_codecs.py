@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -282,3 +283,131 @@ def test_json_string_encoding_is_the_standard_librarys_byte_for_byte() -> None:
                              for _ in range(rng.randrange(0, 12))))
     for text in cases:
         assert _encode(text) == json.encoder.encode_basestring(text)  # type: ignore[attr-defined]
+
+
+# --- the columnar JSONL path ------------------------------------------------------------------
+
+_WORDS = ["the", "The", "CITY", "police", "said", "naïve", "日本", "zzqxv", "Ünïcode", "e\u0301t\u00e9",
+          "İstanbul", "", "a", "x1", "MARKET"]
+_GAPS = [" ", "  ", ", ", "! ", "\t", " \u2028 ", "😀 ", "-", "\u200d"]
+
+
+def _random_value(rng: random.Random) -> str:
+    return "".join(rng.choice(_WORDS) + rng.choice(_GAPS) for _ in range(rng.randrange(0, 9)))
+
+
+def _random_record(rng: random.Random, i: int) -> bytes:
+    """A JSONL line of one of the shapes the columnar path must place or hand back."""
+    value = _random_value(rng)
+    shape = rng.randrange(12)
+    if shape == 0:
+        line = json.dumps({"id": i, "text": value})  # \u escapes: parsed one by one
+    elif shape == 1:
+        line = json.dumps({"text": value + ' "q" \\ \n'}, ensure_ascii=False)  # escapes in the value
+    elif shape == 2:
+        line = json.dumps({"text": value, "meta": {"text": "inner"}}, ensure_ascii=False)  # key twice
+    elif shape == 3:
+        quoted = json.dumps(value, ensure_ascii=False)
+        line = '{"text": ' + quoted + ', "text": ' + json.dumps(value[::-1]) + '}'  # duplicate key
+    elif shape == 4:
+        line = json.dumps({"text": None, "n": 1e300})
+    elif shape == 5:
+        line = '{ "big": 123456789012345678901234567890, "text" :' + json.dumps(value) + ' }'  # space before ':'
+    elif shape == 6:
+        line = json.dumps({"text": value}, ensure_ascii=False, separators=(",", ":"))
+    elif shape == 7:
+        line = json.dumps({"note": 'say "text": no', "text": value}, ensure_ascii=False)
+    else:
+        line = json.dumps({"label": "x", "text": value, "n": [1, 2.5e-3, None]}, ensure_ascii=False)
+    ending = rng.choice(["\n", "\n", "\r\n"])
+    return (line + ending).encode("utf-8")
+
+
+def _both_paths(glove_small, lines: list[bytes], seed: int):  # type: ignore[no-untyped-def]
+    """(columnar output, per-record output) of one chunk on the same stream of two equal objects."""
+    from privtext.api import Anonymizer
+
+    outs = []
+    calls: list[int] = []
+    for columnar in (True, False):
+        anon = Anonymizer("gumbel", epsilon=300, index=glove_small, seed=seed, oov="keep" if seed % 2 else "mask")
+
+        def perturb(texts: list[str], anon: Anonymizer = anon) -> tuple[list[str], ChunkCounters]:
+            return anon.perturb_batch(texts, (0, 0))  # type: ignore[return-value]
+
+        def spans(text, starts, ends, anon: Anonymizer = anon):  # type: ignore[no-untyped-def]
+            calls.append(len(lines))
+            return anon.perturb_spans(text, starts, ends, (0, 0))
+
+        outs.append(jsonl_codec.transform(lines, 1, ["text"], "fail", perturb, spans if columnar else None))
+    return outs[0], outs[1], calls
+
+
+def test_the_columnar_path_writes_the_per_record_paths_bytes(glove_small) -> None:  # type: ignore[no-untyped-def]
+    rng = random.Random(11)
+    for seed in range(40):
+        lines = [_random_record(rng, i) for i in range(rng.randrange(1, 60))]
+        if rng.random() < 0.3:
+            lines[-1] = lines[-1].rstrip(b"\r\n")  # a last line without its newline
+        columnar, per_record, calls = _both_paths(glove_small, lines, seed)
+        assert calls == [len(lines)]  # every chunk here is valid JSONL: the columnar path took it
+        assert columnar.error is None and per_record.error is None
+        assert columnar.payload == per_record.payload
+        for name in ("records", "word_tokens", "other_tokens", "perturbed", "unchanged", "oov", "null_values"):
+            assert getattr(columnar.counters, name) == getattr(per_record.counters, name), name
+        assert columnar.counters.doc_hist.tolist() == per_record.counters.doc_hist.tolist()
+        for line in columnar.payload.splitlines():
+            json.loads(line)
+
+
+def test_the_columnar_path_takes_plain_chunks_and_hands_back_the_rest() -> None:
+    taken: list[int] = []
+
+    def spans(text, starts, ends):  # type: ignore[no-untyped-def]
+        taken.append(len(starts))
+        return text.upper(), starts, ends, ChunkCounters()
+
+    plain = [b'{"id": 1, "text": "a b"}\n', b'{"text":"c","x":[1,{"y":"z"}]}\r\n', b'{"text": "\\u00e9\\"q"}\n']
+    out = jsonl_codec._transform_columnar(plain, "text", spans)
+    assert out is not None and taken == [3] and out.counters.records == 3
+    assert out.payload.splitlines()[2] == '{"TEXT": "É\\"Q"}'.encode()  # re-escaped as _encode writes
+    for chunk in ([b'{"text": "a"}\n', b"\n"], [b'{"text": "a"} {"text": "b"}\n'], [b'{"text": 1}\n'],
+                  [b'{"other": "a"}\n'], [b'{"text": "a"}\n', b"{broken\n"], [b'{"text": "\xff"}\n'],
+                  [b'{"text": "\\ud800"}\n'], [b'["text"]\n'], [b'{"text": "a", "n": NaN}\n']):
+        assert jsonl_codec._transform_columnar(chunk, "text", spans) is None, chunk
+    assert jsonl_codec._transform_columnar(plain, "a/b", spans) is None  # '/' may be written \/
+    # A record longer than a chunk keeps the per-record path, which perturbs it in pieces.
+    from privtext.codecs.lines import COLUMNAR_MAX_BYTES
+
+    huge = b"a " * (COLUMNAR_MAX_BYTES // 2 + 1)
+    assert jsonl_codec._transform_columnar([b'{"text": "' + huge + b'"}\n'], "text", spans) is None
+    assert text_codec._transform_columnar([huge + b"\n"], spans) is None
+    assert taken == [3]
+
+
+def test_the_text_formats_columnar_path_writes_the_per_line_paths_bytes(glove_small) -> None:  # type: ignore[no-untyped-def]
+    from privtext.api import Anonymizer
+
+    rng = random.Random(3)
+    for seed in range(20):
+        lines = [(_random_value(rng) + rng.choice(["\n", "\r\n", "\r\r\n", "\n"])).encode()
+                 for _ in range(rng.randrange(1, 50))]
+        lines[rng.randrange(len(lines))] = rng.choice([b"\n", b"\r\n", b" \n"])  # blank lines are records
+        if seed % 3 == 0:
+            lines[-1] = lines[-1].rstrip(b"\r\n")
+        outs, calls = [], []
+        for columnar in (True, False):
+            anon = Anonymizer("gumbel", epsilon=300, index=glove_small, seed=seed)
+
+            def spans(text, starts, ends, anon=anon, calls=calls):  # type: ignore[no-untyped-def]
+                calls.append(1)
+                return anon.perturb_spans(text, starts, ends, (0, 0))
+
+            outs.append(text_codec.transform(lines, 1, [], "fail", lambda t, anon=anon: anon.perturb_batch(t, (0, 0)),
+                                             spans if columnar else None))
+        assert calls == [1]
+        assert outs[0].payload == outs[1].payload
+        assert outs[0].counters.records == outs[1].counters.records == len(lines)
+        assert outs[0].counters.doc_hist.tolist() == outs[1].counters.doc_hist.tolist()
+    bad = [b"ok\n", b"\xff\n"]
+    assert text_codec.transform(bad, 1, [], "fail", upper, lambda *a: pytest.fail("not UTF-8")).error == (2, "not valid UTF-8")

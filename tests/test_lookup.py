@@ -86,3 +86,14 @@ def test_the_text_path_table_answers_like_word_to_id(glove_small) -> None:  # ty
     mapping = glove_small.word_to_id
     queries = [*mapping, "zzzznotaword"]
     np.testing.assert_array_equal(_look_up_all(perturber._packed(), queries), _oracle(mapping, queries))
+
+
+def test_a_code_point_above_255_never_packs_to_its_low_byte() -> None:
+    # Packing keeps one byte per code point: š (U+0161) would pack as "a" and Ţ (U+0162) as "b",
+    # and ĀĀ as "\x00\x00" (the padding). Such words must go to the dictionary, wherever in the
+    # chunk (first, last, between Latin-1 words) and wherever in the word the wide code point is.
+    mapping = {"a": 1, "b": 2, "ab": 3, "ša": 4, "xyz": 5}
+    vocabulary = PackedVocabulary.from_mapping(mapping)
+    queries = ["\u0161", "a", "\u0162", "a\u0162", "\u0161a", "xyz", "\u0100\u0100", "b", "x\u0179z"]
+    np.testing.assert_array_equal(_look_up_all(vocabulary, queries), _oracle(mapping, queries))
+    np.testing.assert_array_equal(_look_up_all(vocabulary, queries[::-1]), _oracle(mapping, queries[::-1]))

@@ -342,3 +342,54 @@ def test_vocabulary_spellings_match_apply_case(words: list[str]) -> None:
         for i, word in enumerate(words):
             start, length = vocab.offsets[pattern, i], vocab.lengths[pattern, i]
             assert text[start : start + length] == apply_case(pattern, word)
+
+
+@pytest.mark.parametrize("policy", ["mask", "drop", "keep"])
+def test_spans_in_one_buffer_equal_the_documents_cut_out(unicode_index, policy: str) -> None:  # type: ignore[no-untyped-def]
+    # perturb_spans must draw the same noise and write the same words as perturb_documents on
+    # the span texts; everything between spans (one code point or more) stays as it was.
+    perturber = TextPerturber(unicode_index, create("laplace", unicode_index, 1.0, {}), oov=policy)
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        docs = _random_texts(rng, int(rng.integers(1, 40)))
+        gaps = [t or "\x00" for t in _random_texts(rng, len(docs) + 1)]  # a gap is never empty
+        gaps[0] = gaps[0] if trial % 2 else ""  # a span may start the buffer
+        text, starts, ends = gaps[0], [], []
+        for doc, gap in zip(docs, gaps[1:]):
+            starts.append(len(text))
+            text += doc
+            ends.append(len(text))
+            text += gap
+        expected, counts = perturber.perturb_documents(docs, np.random.default_rng(trial))
+        new, new_starts, new_ends, counters = perturber.perturb_spans(
+            text, np.array(starts), np.array(ends), np.random.default_rng(trial))
+        assert [new[a:b] for a, b in zip(new_starts, new_ends)] == expected
+        between = [new[a:b] for a, b in zip([0, *new_ends], [*new_starts, len(new)])]
+        assert between == [gaps[0], *gaps[1:]]
+        assert _counts(counters) == _counts(counts)
+
+
+def test_spans_must_be_ordered_with_gaps(glove_small) -> None:  # type: ignore[no-untyped-def]
+    perturber = _perturber(glove_small, "mask")
+    for starts, ends in (([0, 3], [3, 5]), ([2, 0], [3, 1]), ([0], [9]), ([1], [0])):
+        with pytest.raises(ValueError, match="spans must be"):
+            perturber.perturb_spans("the cat", np.array(starts), np.array(ends), np.random.default_rng(0))
+
+
+def test_a_long_span_is_perturbed_in_pieces_like_a_long_document(glove_small) -> None:  # type: ignore[no-untyped-def]
+    from privtext.text import LONG_DOCUMENT_CHARS
+
+    perturber = TextPerturber(glove_small, create("gumbel", glove_small, 300.0, {}))
+    rng = np.random.default_rng(8)
+    words = ["the", "Man", "said", "WORLD", "qzxvbnm", "day", "of"]
+    long_doc = " ".join(rng.choice(words, size=LONG_DOCUMENT_CHARS // 3).tolist())
+    assert len(long_doc) > LONG_DOCUMENT_CHARS
+    docs = ["a short one", long_doc, "", "the end"]
+    text = "[" + "][".join(docs) + "]"
+    starts = np.cumsum([1] + [len(d) + 2 for d in docs[:-1]])
+    ends = starts + [len(d) for d in docs]
+    expected, counts = perturber.perturb_documents(docs, np.random.default_rng(1))
+    new, new_starts, new_ends, counters = perturber.perturb_spans(text, starts, ends, np.random.default_rng(1))
+    assert new == "[" + "][".join(expected) + "]"
+    assert [new[a:b] for a, b in zip(new_starts, new_ends)] == expected
+    assert _counts(counters) == _counts(counts)

@@ -11,7 +11,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+
 from privtext.text import ChunkCounters
+
+# (text, span starts, span ends) -> (new text, new starts, new ends, counters): the text path's
+# in-place perturbation of documents that sit in one buffer (TextPerturber.perturb_spans), which
+# the columnar paths of the line formats use instead of one text per record.
+# A chunk above this many bytes (a record longer than a chunk) takes the per-record path, which
+# perturbs a long document in pieces without the columnar path's whole-chunk copies.
+COLUMNAR_MAX_BYTES = 4 << 20
+
+PerturbSpans = Callable[[str, np.ndarray, np.ndarray], tuple[str, np.ndarray, np.ndarray, ChunkCounters]]
 
 
 class RecordError(ValueError):
@@ -69,3 +80,18 @@ def transform_lines(lines: list[bytes], first_line: int, codec: RecordCodec, on_
     counters.errors_skipped, counters.errors_kept = skipped, kept
     counters.null_values += nulls
     return LinesOut(b"".join(out), counters)
+
+
+def line_bounds(lines: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) byte offsets of each line in b"".join(lines)."""
+    lengths = np.fromiter(map(len, lines), dtype=np.int64, count=len(lines))
+    ends = np.cumsum(lengths)
+    return ends - lengths, ends
+
+
+def to_char_offsets(raw: np.ndarray, *offsets: np.ndarray) -> list[np.ndarray]:
+    """Byte offsets into UTF-8 `raw` (at character boundaries) as offsets into its decoded str:
+    each drops the continuation bytes before it."""
+    continuation = np.zeros(len(raw) + 1, dtype=np.int64)
+    np.cumsum((raw & 0xC0) == 0x80, out=continuation[1:])
+    return [at - continuation[at] for at in offsets]

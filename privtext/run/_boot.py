@@ -10,7 +10,8 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLI
               "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
     os.environ[_name] = "1"
 
-import numpy  # noqa: E402, F401
+import numpy  # noqa: E402
+import numpy.random  # noqa: E402, F401  # a chunk's Generator: otherwise imported by every worker's first chunk
 
 # FAISS is not preloaded: only the Laplace family searches, and importing it here (~30 ms) would
 # delay every run's first worker. A worker that needs it imports it with OMP_NUM_THREADS=1 above

@@ -50,6 +50,7 @@ class ChunkProcessor:
         self.settings = settings
         self.anonymizer = anonymizer
         self.path = settings.field_path
+        self._json_plain = anonymizer.writes_json_plain()
 
     def process(self, task: ChunkTask) -> ChunkResult:
         stream = (task.input_id, task.chunk_index)
@@ -60,8 +61,15 @@ class ChunkProcessor:
         if task.fmt is Format.PARQUET:
             new_values, counters = self.anonymizer.perturb_batch(task.payload, stream)
             return ChunkResult(task.chunk_index, new_values, counters)
-        codec = jsonl_codec if task.fmt is Format.JSONL else text_codec
-        out = codec.transform(task.payload, task.first_line, self.path, self.settings.on_error.value, perturb)
+        def perturb_spans(text: str, starts: Any, ends: Any) -> Any:
+            return self.anonymizer.perturb_spans(text, starts, ends, stream)
+
+        on_error = self.settings.on_error.value
+        if task.fmt is Format.JSONL:
+            out = jsonl_codec.transform(task.payload, task.first_line, self.path, on_error, perturb,
+                                        perturb_spans if self._json_plain else None)
+        else:
+            out = text_codec.transform(task.payload, task.first_line, self.path, on_error, perturb, perturb_spans)
         return ChunkResult(task.chunk_index, compress_piece(out.payload, task.compression),
                            out.counters, out.error)
 

@@ -86,7 +86,7 @@ _TINY = 2.0**-126
 _GROUP = 32  # queries per pass of the kernel (two 16-row tiles)
 _BATCH = 2048  # queries per kernel call: bounds the candidate buffers
 _CHUNK_BLOCKS = 256  # 4,096 words (512 KiB of packed words at m = 50) per pass: stays in L2
-ABI_VERSION = 5  # must equal PT_ABI_VERSION in _amx_kernel.c (a stale build is not used)
+ABI_VERSION = 6  # must equal PT_ABI_VERSION in _amx_kernel.c (a stale build is not used)
 DISABLE_ENV = "PRIVTEXT_AMX"  # "off": never use the kernel (the numpy path answers the same)
 
 _ptr = ctypes.c_void_p

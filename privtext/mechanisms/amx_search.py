@@ -188,9 +188,13 @@ class PackedWords:
         self.pairs = 16 * ((m + 6 + 31) // 32)  # φ_b, hi, mid, lo, then three ones for T'
 
         bits = bf16_bits(v32)
-        vb = bf16_values(bits)
-        self.rho = float(np.linalg.norm(vb - v32.astype(np.float64), axis=1).max()) * (1 + 1e-6)
-        norm = np.einsum("ij,ij->i", vb, vb).astype(np.float32)
+        vb = (bits.astype(np.uint32) << 16).view(np.float32)  # the bf16 values, exact in float32
+        # φ − φ_b is exact in float32 (Sterbenz: φ_b is within a factor 1 ± 2⁻⁸ of φ, or 0 for
+        # a flushed subnormal); squares and sums in float64, as the proof measures ρ and N.
+        diff = v32 - vb
+        self.rho = float(np.sqrt(np.einsum("ij,ij->i", diff, diff, dtype=np.float64).max(initial=0.0)))
+        self.rho *= 1 + 1e-6
+        norm = np.einsum("ij,ij->i", vb, vb, dtype=np.float64).astype(np.float32)
         hi = bf16_bits(norm)
         rest = norm - bf16_values(hi).astype(np.float32)  # exact: ≤ 16 significant bits left
         mid = bf16_bits(rest)

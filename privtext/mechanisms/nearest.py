@@ -527,9 +527,11 @@ def hnsw_level0(index: EmbeddingIndex) -> np.ndarray:
     it through the page cache); prepare_search() builds it in the parent."""
     key = str(index.path)
     if key not in _LEVEL0:
+        # Cheap to derive from the graph: a read-only cache that has the graph but not this
+        # table gets it built in memory instead of an error.
         _LEVEL0[key] = index.derived_artifact(
             HNSW_LEVEL0_ARTIFACT, {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "version": 1},
-            _build_level0)
+            _build_level0, uncached_if_read_only=True)
     return _LEVEL0[key]
 
 

@@ -12,7 +12,7 @@ EXTRAS ?= test,evaluate,spark,ray
 
 .PHONY: install demo test test-fast test-engines lint bench bench-engines bench-utility clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py privtext/mechanisms/_amx_kernel.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'

@@ -9,11 +9,15 @@ drawn by a Zipf law over the frequency order (close to running text), in calls o
 like a worker's chunk. Each figure is the best of `--repeat` runs (the machine is shared), in
 queries per CPU-second, with the load average printed first. Methods:
 
-* exact, `threshold`: the certified float32-tile threshold search (nearest.py, the default);
+* exact, `amx (bf16)`: the threshold search's collection in bf16 on AMX tiles (amx_search.py, the
+  default where the compiled kernel runs);
+* exact, `threshold`: the certified float32-tile threshold search (nearest.py, the fallback);
 * exact, `faiss`: the former path, FAISS flat top-(k + 1) with its certificate (still the
   fallback), selected through `nearest.EXACT_METHOD`;
-* hnsw: the graph search with points sorted by anchor (the default), and `hnsw-unsorted`, the
-  former call order; the measured recall@1 (`measure_recall`, the report's figure) is printed.
+* hnsw: the default graph search (with the kernel: entry word among the most frequent words,
+  bottom layer searched in C); `hnsw-faiss`: FAISS's own search, points sorted by anchor (the
+  former default and the fallback); `hnsw-unsorted`: FAISS's, in the former call order; the
+  measured recall@1 (`measure_recall`, the report's figure) is printed for the first two.
 
 The end-to-end figure is bench/throughput.py's:
 `python bench/throughput.py --mechanisms laplace,mahalanobis,vickrey --workers 2 --corpora 20ng
@@ -61,7 +65,7 @@ def main() -> None:
     faiss.omp_set_num_threads(1)
     from privtext.embeddings import EmbeddingSource
     from privtext.index import IndexSpec, ensure_index
-    from privtext.mechanisms import create, nearest
+    from privtext.mechanisms import amx_search, create, nearest
 
     index = ensure_index(IndexSpec(EmbeddingSource(), args.vocab_size, 64), None, progress=False).index
     load = os.getloadavg()
@@ -82,27 +86,35 @@ def main() -> None:
     print(f"\n{'mechanism':<12} {'ε':>5} {'method':<14} {'queries/CPU-s':>14}  notes", flush=True)
     for epsilon in args.epsilon:
         for name in args.mechanisms.split(","):
-            cases: list[tuple[str, dict[str, Any], str, np.ndarray]] = [
-                ("threshold", {}, "threshold", exact_ids)]
+            cases: list[tuple[str, dict[str, Any], str, np.ndarray]] = []
+            if amx_search.available():
+                cases.append(("amx (bf16)", {}, "amx", exact_ids))
+            cases.append(("threshold", {}, "threshold", exact_ids))
             if not args.skip_old:
                 cases.append(("faiss (old)", {}, "faiss", exact_ids))
             cases.append(("hnsw", {"search": "hnsw"}, "sorted", hnsw_ids))
+            if not args.skip_old and nearest.hnsw_method() == "entry":
+                cases.append(("hnsw-faiss", {"search": "hnsw"}, "faiss-graph", hnsw_ids))
             if not args.skip_old:
                 cases.append(("hnsw-unsorted", {"search": "hnsw"}, "unsorted", hnsw_ids))
             for label, params, method, ids in cases:
+                # FAISS's own graph search for the former hnsw rows (their recall is measured
+                # by prepare() with the same search).
+                nearest.HNSW_METHOD = "faiss" if method in ("faiss-graph", "unsorted") else "auto"
                 mechanism = create(name, index, epsilon, dict(params))
                 mechanism.prepare()
-                nearest.EXACT_METHOD = "faiss" if method == "faiss" else "threshold"
+                nearest.EXACT_METHOD = method if method in ("amx", "faiss") else "threshold"
                 module = __import__(f"privtext.mechanisms.{name}", fromlist=["nearest_words"])
                 module.nearest_words = unsorted_hnsw if method == "unsorted" else original_nearest
                 try:
                     mechanism.perturb_ids(ids[:2000], np.random.default_rng(99))  # warm caches
                     seconds = _timed(mechanism, ids, args.chunk, args.repeat)
                 finally:
-                    nearest.EXACT_METHOD = "threshold"
+                    nearest.EXACT_METHOD = "auto"
+                    nearest.HNSW_METHOD = "auto"
                     module.nearest_words = original_nearest
                 note = ""
-                if params.get("search") == "hnsw" and method == "sorted":
+                if params.get("search") == "hnsw" and method in ("sorted", "faiss-graph"):
                     rec = mechanism.derived()["hnsw_recall"]
                     note = (f"recall@1 zipf {rec['recall_at_1_zipf']:.3f}, uniform "
                             f"{rec['recall_at_1_uniform']:.3f} (efSearch {rec['efSearch']}, M {rec['M']})")

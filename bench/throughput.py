@@ -244,11 +244,11 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, float]:
 
 
 def perturb(corpus: Path, mechanism: str, epsilon: float, workers: int, vocab: int,
-            env: dict[str, str]) -> dict[str, object]:
+            env: dict[str, str], fmt: str = "jsonl") -> dict[str, object]:
     """One timed run. A name `mechanism+search` (laplace+hnsw) runs with --param search=..."""
     report = OUT / "report.json"
     name, _, search = mechanism.partition("+")
-    cmd = [*CLI, "perturb", "--no-risk", str(corpus), "-o", os.devnull, "--format", "jsonl", "--mechanism", name,
+    cmd = [*CLI, "perturb", "--no-risk", str(corpus), "-o", os.devnull, "--format", fmt, "--mechanism", name,
            "--epsilon", str(epsilon), "--vocab-size", str(vocab), "--workers", str(workers),
            "--report", str(report), "-q", *(["--param", f"search={search}"] if search else [])]
     seconds, peak, _ = timed(cmd, env)
@@ -297,6 +297,41 @@ def bare_loop(corpus: Path, vocab: int, with_json: bool) -> tuple[int, float]:
                 parts[i] = words[j] if j is not None else "[OOV]"
             count += len(parts) // 2
             "".join(parts)
+    return count, time.perf_counter() - start
+
+
+def text_corpus(jsonl: Path) -> Path:
+    """The same documents as a plain text file, one per line (line breaks inside a document
+    become spaces): the corpus for comparing privtext with the text-only bare loop like for like."""
+    path = jsonl.with_suffix(".txt")
+    if not path.exists():
+        with open(path, "w", encoding="utf-8") as out:
+            for line in jsonl.read_text(encoding="utf-8").splitlines():
+                text = json.loads(line)["text"]
+                out.write(text.replace("\r", " ").replace("\n", " ") + "\n")
+    return path
+
+
+def bare_loop_text_file(path: Path, vocab: int) -> tuple[int, float]:
+    """The bare loop over a text file's lines (read before the timing, as `bare_loop` does),
+    each line tokenized, looked up and joined, the output lines collected."""
+    from privtext.embeddings import EmbeddingSource
+    from privtext.index import IndexSpec, ensure_index
+
+    index = ensure_index(IndexSpec(EmbeddingSource(), vocab, 64), None, progress=False).index
+    get, words = index.word_to_id.get, index.words
+    split = re.compile(r"([^\W_]+)").split
+    lines = path.read_text(encoding="utf-8").split("\n")[:-1]
+    count = 0
+    out = []
+    start = time.perf_counter()
+    for line in lines:
+        parts = split(line)
+        for i in range(1, len(parts), 2):
+            j = get(parts[i].lower())
+            parts[i] = words[j] if j is not None else "[OOV]"
+        count += len(parts) // 2
+        out.append("".join(parts) + "\n")
     return count, time.perf_counter() - start
 
 
@@ -462,6 +497,17 @@ def main() -> None:
                 limits.append({"corpus": corpus_name, "what": what, "words": words,
                                "words_per_second": round(words / seconds)})
                 print(f"{corpus_name:<6} {what:<30} {words:>10,} words {words / seconds:>12,.0f} words/s", flush=True)
+            # Like for like without JSON: the same documents as a text file, through the bare
+            # loop and through privtext --format text with 2 workers.
+            txt = text_corpus(path)
+            words, seconds = bare_loop_text_file(txt, args.vocab_size)
+            row = perturb(txt, "gumbel", CASES["gumbel"][0], 2, args.vocab_size, env, fmt="text")
+            limits.append({"corpus": corpus_name, "what": "text file: bare loop / privtext gumbel 2 workers",
+                           "words": words, "bare_words_per_second": round(words / seconds),
+                           "privtext_words_per_second": row["words_per_second"]})
+            print(f"{corpus_name:<6} {'bare loop, text file':<30} {words:>10,} words {words / seconds:>12,.0f} words/s; "
+                  f"privtext --format text, gumbel, 2 workers {row['words_per_second']:>12,} words/s "
+                  f"({row['words_per_second'] / (words / seconds):.2f}x)", flush=True)
         for corpus_name in corpora_names:
             path, _ = corpora.file(corpus_name)
             split = in_process_split(path, "gumbel", CASES["gumbel"][0], args.vocab_size)

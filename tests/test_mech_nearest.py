@@ -3,11 +3,13 @@ near-ties that float32 cannot decide, and the approximate HNSW option with its r
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from privtext.errors import ParameterError
-from privtext.mechanisms import create
+from privtext.mechanisms import amx_search, create
 from privtext.mechanisms import nearest as nearest_mod
 from privtext.mechanisms.laplace import laplace_noise
 from privtext.mechanisms.nearest import measure_recall, nearest_words
@@ -37,22 +39,80 @@ def test_exact_search_is_the_float64_brute_force(glove_small, epsilon: float, k:
     np.testing.assert_allclose(dist, want_dist, rtol=1e-12)
 
 
+def require_amx() -> None:
+    """Skip where the CPU or the install has no AMX kernel, unless CI says it must be there
+    (PRIVTEXT_REQUIRE_AMX=1, set by .ci/run on the machines that have it)."""
+    if not amx_search.available():
+        if os.environ.get("PRIVTEXT_REQUIRE_AMX") == "1":
+            pytest.fail("the AMX kernel is not available (compiled at install? AMX-BF16 CPU?)")
+        pytest.skip("no AMX-BF16 on this CPU, or the kernel was not compiled at install")
+
+
+@pytest.fixture(params=["amx", "threshold"])
+def exact_method(request, monkeypatch) -> str:  # type: ignore[no-untyped-def]
+    """Both implementations of the threshold search: the bf16 AMX kernel and numpy float32."""
+    if request.param == "amx":
+        require_amx()
+    monkeypatch.setattr(nearest_mod, "EXACT_METHOD", request.param)
+    return str(request.param)
+
+
 @pytest.fixture
 def small_tiles(monkeypatch):  # type: ignore[no-untyped-def]
     """Tiles far smaller than the defaults, so a 2,000-word index spans many word tiles and a
-    few hundred points many query tiles (the tightening of U crosses tile boundaries)."""
+    few hundred points many query tiles (the tightening of U crosses tile boundaries); for the
+    AMX kernel, passes of 32 words and calls of 70 queries (a partial group of 32)."""
     monkeypatch.setattr(nearest_mod, "_TILE_QUERIES", 37)
     monkeypatch.setattr(nearest_mod, "_TILE_WORDS", 128)
+    monkeypatch.setattr(amx_search, "_CHUNK_BLOCKS", 2)
+    monkeypatch.setattr(amx_search, "_BATCH", 70)
+
+
+@pytest.fixture(params=["entry", "faiss"])
+def hnsw_method(request, monkeypatch) -> str:  # type: ignore[no-untyped-def]
+    """Both graph searches: the kernel's (entry word among the first words, level-0 search) and
+    FAISS's. With the kernel, entry words among the first 64 only: on the 2,000-word test index
+    the default (8,192) would make every entry the exact answer, and the graph search idle."""
+    if request.param == "entry":
+        require_amx()
+        monkeypatch.setattr(nearest_mod, "HNSW_ENTRY_WORDS", 64)
+    monkeypatch.setattr(nearest_mod, "HNSW_METHOD", request.param)
+    return str(request.param)
+
+
+def test_auto_picks_the_kernel_where_it_runs() -> None:
+    assert nearest_mod.EXACT_METHOD == "auto" and nearest_mod.HNSW_METHOD == "auto"
+    assert nearest_mod.exact_method() == ("amx" if amx_search.available() else "threshold")
+    assert nearest_mod.hnsw_method() == ("entry" if amx_search.available() else "faiss")
+
+
+def test_the_kernel_can_be_switched_off(glove_small, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """PRIVTEXT_AMX=off (or a CPU without AMX, or no compiled kernel): the numpy path answers,
+    with the same ids."""
+    rng = np.random.default_rng(21)
+    v = np.asarray(glove_small.vectors, np.float64)
+    anchors = rng.integers(0, glove_small.n, 300)
+    noisy = v[anchors] + laplace_noise(rng, len(anchors), glove_small.dim, 10.0)
+    default, _ = nearest_words(glove_small, noisy, anchors, k=2)
+    monkeypatch.setenv(amx_search.DISABLE_ENV, "off")
+    amx_search.reset()
+    try:
+        assert not amx_search.available()
+        assert nearest_mod.exact_method() == "threshold"
+        fallback, _ = nearest_words(glove_small, noisy, anchors, k=2)
+    finally:
+        monkeypatch.delenv(amx_search.DISABLE_ENV)
+        amx_search.reset()
+    np.testing.assert_array_equal(default, fallback)
 
 
 @pytest.mark.parametrize("epsilon", [0.5, 2.0, 5.0, 10.0, 30.0, 100.0])
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_threshold_search_is_the_float64_brute_force(glove_small, small_tiles, epsilon: float,
-                                                     k: int) -> None:  # type: ignore[no-untyped-def]
-    """The default exact method against a float64 scan, over ε from far-away points (most of the
-    vocabulary within the first radius) to points next to their word, with Zipf anchors as in
-    running text and uniform ones."""
-    assert nearest_mod.EXACT_METHOD == "threshold"
+def test_threshold_search_is_the_float64_brute_force(glove_small, small_tiles, exact_method: str,
+                                                     epsilon: float, k: int) -> None:  # type: ignore[no-untyped-def]
+    """Both threshold searches against a float64 scan, over ε from far-away points (most of
+    the vocabulary within the first radius) to points next to their word, with Zipf anchors as
+    in running text and uniform ones."""
     rng = np.random.default_rng(int(epsilon * 10) + k)
     v = np.asarray(glove_small.vectors, np.float64)
     ranks = 1.0 / np.arange(1, glove_small.n + 1)
@@ -66,7 +126,8 @@ def test_threshold_search_is_the_float64_brute_force(glove_small, small_tiles, e
 
 
 @pytest.mark.parametrize("k", [1, 2])
-def test_threshold_search_decides_exact_and_near_ties(glove_small, small_tiles, k: int) -> None:  # type: ignore[no-untyped-def]
+def test_threshold_search_decides_exact_and_near_ties(glove_small, small_tiles, exact_method: str,
+                                                      k: int) -> None:  # type: ignore[no-untyped-def]
     """Adversarial points: word vectors themselves (distance 0), points a float32 rounding step
     from halfway between two words (1e-9 and 1e-12 apart, below float32 resolution), points
     equidistant in float64 from two words by symmetry, all from unrelated anchors."""
@@ -91,6 +152,7 @@ def test_threshold_search_decides_exact_and_near_ties(glove_small, small_tiles, 
 
 
 def test_points_with_too_many_candidates_go_to_the_faiss_certificate(glove_small, small_tiles,
+                                                                    exact_method: str,
                                                                     monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Beyond CANDIDATE_CAP collected words a point leaves the threshold search for the FAISS
     certificate (and its float64 scan): the answer is still the brute force's."""
@@ -184,7 +246,8 @@ def test_many_near_ties_fall_back_to_the_float64_scan(index_factory, monkeypatch
     assert calls["scan"] > 0
 
 
-def test_many_near_ties_in_the_threshold_search(index_factory, small_tiles) -> None:  # type: ignore[no-untyped-def]
+def test_many_near_ties_in_the_threshold_search(index_factory, small_tiles,
+                                                exact_method: str) -> None:  # type: ignore[no-untyped-def]
     """The same sphere of 200 words around a point, searched by the default method: all of them
     fall inside the collection radius, and float64 decides among them."""
     idx, v, centre = _sphere_of_ties(index_factory)
@@ -205,7 +268,7 @@ def test_answer_does_not_depend_on_the_anchor(glove_small) -> None:  # type: ign
     np.testing.assert_array_equal(own, other)
 
 
-def test_hnsw_returns_near_exact_answers_and_recall_measures_them(glove_small) -> None:  # type: ignore[no-untyped-def]
+def test_hnsw_returns_near_exact_answers_and_recall_measures_them(glove_small, hnsw_method: str) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(3)
     v = np.asarray(glove_small.vectors, np.float64)
     anchors = rng.integers(0, glove_small.n, 500)
@@ -227,9 +290,9 @@ def test_hnsw_returns_near_exact_answers_and_recall_measures_them(glove_small) -
     assert lo <= narrow["recall_at_1_uniform"] <= hi
 
 
-def test_hnsw_answer_does_not_depend_on_the_order_of_points(glove_small) -> None:  # type: ignore[no-untyped-def]
-    """nearest_words sorts points by anchor before the graph search: each point's answer must be
-    the one it gets searched alone."""
+def test_hnsw_answer_does_not_depend_on_the_order_of_points(glove_small, hnsw_method: str) -> None:  # type: ignore[no-untyped-def]
+    """nearest_words sorts points (by anchor, or by entry word) before the graph search: each
+    point's answer must be the one it gets searched alone."""
     rng = np.random.default_rng(14)
     v = np.asarray(glove_small.vectors, np.float64)
     anchors = rng.integers(0, glove_small.n, 300)
@@ -240,6 +303,35 @@ def test_hnsw_answer_does_not_depend_on_the_order_of_points(glove_small) -> None
                                           search="hnsw", ef=8)
         np.testing.assert_array_equal(together[i], alone[0])
         np.testing.assert_array_equal(dist[i], alone_dist[0])
+
+
+def test_hnsw_answer_does_not_depend_on_the_anchor(glove_small, hnsw_method: str) -> None:  # type: ignore[no-untyped-def]
+    """The approximate answer is a function of the noisy point alone (post-processing): the
+    input word may order the points, never enter the search."""
+    rng = np.random.default_rng(15)
+    v = np.asarray(glove_small.vectors, np.float64)
+    anchors = rng.integers(0, glove_small.n, 400)
+    noisy = v[anchors] + laplace_noise(rng, len(anchors), glove_small.dim, 10.0)
+    own, own_dist = nearest_words(glove_small, noisy, anchors, k=2, search="hnsw", ef=4)
+    other, other_dist = nearest_words(glove_small, noisy, rng.permutation(anchors), k=2,
+                                      search="hnsw", ef=4)
+    np.testing.assert_array_equal(own, other)
+    np.testing.assert_array_equal(own_dist, other_dist)
+
+
+def test_the_level0_table_is_the_graph_bottom_layer(glove_small) -> None:  # type: ignore[no-untyped-def]
+    """The kernel's graph search walks the FAISS graph's own level-0 lists, cached once."""
+    import faiss
+
+    table = nearest_mod.hnsw_level0(glove_small)
+    graph = nearest_mod.hnsw_index(glove_small).hnsw
+    assert table.shape == (glove_small.n, graph.nb_neighbors(0))
+    begin, end = np.zeros(1, np.uint64), np.zeros(1, np.uint64)
+    for node in (0, 7, glove_small.n - 1):
+        graph.neighbor_range(node, 0, faiss.swig_ptr(begin), faiss.swig_ptr(end))
+        want = faiss.vector_to_array(graph.neighbors)[int(begin[0]) : int(end[0])]
+        np.testing.assert_array_equal(table[node], want)
+    assert len(list((glove_small.path / "derived").glob("hnsw-level0-*.npy"))) == 1
 
 
 def test_hnsw_graph_is_built_once_and_cached(glove_small) -> None:  # type: ignore[no-untyped-def]
@@ -253,7 +345,7 @@ def test_hnsw_graph_is_built_once_and_cached(glove_small) -> None:  # type: igno
 
 
 @pytest.mark.parametrize("name", ["laplace", "mahalanobis", "vickrey"])
-def test_mechanisms_take_the_search_parameter(glove_small, name: str) -> None:  # type: ignore[no-untyped-def]
+def test_mechanisms_take_the_search_parameter(glove_small, hnsw_method: str, name: str) -> None:  # type: ignore[no-untyped-def]
     exact = create(name, glove_small, 10.0, {})
     approx = create(name, glove_small, 10.0, {"search": "hnsw", "hnsw_ef": "32"})
     assert "exact" in " ".join(exact.guarantee.conditions)

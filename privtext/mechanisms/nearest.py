@@ -1,7 +1,11 @@
 """Nearest vocabulary words to noisy points: certified exact search, or HNSW (approximate).
 
 Exact search (`search="exact"`, the default) returns the k nearest words in float64 distances of
-the stored vectors, certified word by word:
+the stored vectors, certified word by word. Where the compiled kernel runs (x86-64 Linux with
+AMX-BF16, `amx_search.available()`), `_amx_search` does it in one step: the threshold search of
+2. below with its collection in bf16 on AMX tiles (proof in `amx_search`), started from the
+anchor's first `TABLE_PROBE` table words, the collected words ranked here in float64; points
+over `CANDIDATE_CAP` take the certificate of 3. Elsewhere (or with ``PRIVTEXT_AMX=off``):
 
 1. Table pruning. For z = φ(x) + noise with ‖noise‖ = r, any word w outside x's K-row of the
    table has ‖φ(w) − φ(x)‖ ≥ κ_x (the K-th table distance, lowered by the float32 slack of the
@@ -25,10 +29,14 @@ the stored vectors, certified word by word:
    precision) repeat this with `WIDE` candidates, and whatever is still uncertified is searched
    by a float64 scan of the whole vocabulary.
 
-Ties in float64 go to the smaller id. `search="hnsw"` asks an HNSW graph (faiss.IndexHNSWFlat,
-built once per index and cached with it) for the k nearest, then re-ranks them in float64: fast,
-approximate. Since the search only post-processes the noisy point, the privacy guarantee is the
-same; only the output distribution differs, by the measured recall@1 (`measure_recall`).
+Ties in float64 go to the smaller id. `search="hnsw"` searches an HNSW graph
+(faiss.IndexHNSWFlat, built once per index and cached with it) for the k nearest, then re-ranks
+them in float64: fast, approximate. With the compiled kernel (`_graph_search`) each point enters
+the graph's bottom layer at its nearest word among the `HNSW_ENTRY_WORDS` most frequent ones
+(found by the AMX scan), otherwise FAISS's own search descends from the graph's entry point.
+Either way the search is a function of the noisy point alone (never of the input word), so the
+privacy guarantee is the same; only the output distribution differs, by the measured recall@1
+(`measure_recall`, which names the graph search used).
 """
 
 from __future__ import annotations
@@ -53,10 +61,13 @@ _FAISS_FAST_BATCH = 4096
 _FAISS_PAD_FROM = 1100
 EXTRA = 1  # candidates beyond k in the first float32 search (the certificate needs one)
 WIDE = 64  # candidates in the second search, for the few near-ties of the first
-# The exact search: "threshold" (a per-query collection radius from the table, see
-# `_threshold_search`) or "faiss" (the former FAISS flat top-k certificate, still the fallback;
-# bench/search.py selects it to measure the difference).
-EXACT_METHOD = "threshold"
+# The exact search: "auto" ("amx" where the CPU and the compiled kernel allow it, else
+# "threshold"), "amx" (the threshold search's collection in bf16 on AMX tiles, see
+# `amx_search`), "threshold" (a per-query collection radius from the table, in numpy float32
+# tiles, see `_threshold_search`) or "faiss" (the former FAISS flat top-k certificate, still the
+# fallback for points with too many candidates). All four give the same answer; bench/search.py
+# selects them to measure the difference.
+EXACT_METHOD = "auto"
 TABLE_PROBE = 16
 CANDIDATE_CAP = 512
 # k ≥ 2: FAISS's certificate when the median noise radius exceeds this many K-th table distances
@@ -71,6 +82,14 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 16
 HNSW_ARTIFACT = "hnsw-graph"
+HNSW_LEVEL0_ARTIFACT = "hnsw-level0"
+# The graph search with the compiled kernel enters the bottom layer at the point's nearest word
+# among the first HNSW_ENTRY_WORDS (the most frequent) words, found by the AMX scan, instead of
+# descending the upper layers (measured: docs/performance.md, "The Laplace family").
+HNSW_ENTRY_WORDS = 4096
+# "auto": "entry" (the kernel's entry word and level-0 search) where the kernel runs, else
+# "faiss" (FAISS's own HNSW search, entered at the graph's fixed entry point).
+HNSW_METHOD = "auto"
 _U32 = 2.0**-24
 
 
@@ -129,6 +148,8 @@ class NearestSearch:
         called once in the parent by prepare(), before workers start."""
         if self.search == "hnsw" and self._recall is None:
             hnsw_index(self.index)
+            if hnsw_method() == "entry":
+                hnsw_level0(self.index)
             self._recall = measure_recall(self.index, self.noise, self.ef_search)
 
     def search_info(self) -> dict[str, Any]:
@@ -150,6 +171,8 @@ def nearest_words(index: EmbeddingIndex, noisy: np.ndarray, anchors: np.ndarray,
     if t == 0:
         return out_ids, out_dist
     if search == "hnsw":
+        if hnsw_method() == "entry":
+            return _graph_search(index, noisy, k, ef)
         # Points of the same word land in the same region of the graph: searched together they
         # find its nodes in cache (+13% queries/s measured at ε = 10). Each point's search is
         # independent of the others, so the order changes no answer.
@@ -160,10 +183,12 @@ def nearest_words(index: EmbeddingIndex, noisy: np.ndarray, anchors: np.ndarray,
         return out_ids, out_dist
     if search != "exact":
         raise ValueError(f"unknown search {search!r}")
+    whole = index.n <= index.neighbors  # the table holds the whole vocabulary: always exact
+    if not whole and exact_method() == "amx":
+        return _amx_search(index, noisy, anchors, k)
     vectors = index.vectors
     radius = np.linalg.norm(noisy - np.asarray(vectors[anchors], dtype=np.float64), axis=1)
     kappa = _kappa(index)
-    whole = index.n <= index.neighbors  # the table holds the whole vocabulary: always exact
     # Pruning can only succeed when r < κ_x; the others go straight to the full search.
     hopeful = np.arange(t) if whole else np.flatnonzero(radius < kappa[anchors])
     todo = [np.setdiff1d(np.arange(t), hopeful, assume_unique=True)]
@@ -185,7 +210,8 @@ def nearest_words(index: EmbeddingIndex, noisy: np.ndarray, anchors: np.ndarray,
     rest = np.concatenate(todo)
     if not len(rest):
         return out_ids, out_dist
-    if EXACT_METHOD == "faiss" or _threshold_is_slower(index, radius[rest], k):
+    method = exact_method()
+    if method == "faiss" or (method == "threshold" and _threshold_is_slower(index, radius[rest], k)):
         ids, dist = _certified_search(index, noisy[rest], k)
     else:
         unknown = rest[start_ids[rest, 0] < 0]
@@ -196,6 +222,51 @@ def nearest_words(index: EmbeddingIndex, noisy: np.ndarray, anchors: np.ndarray,
     out_ids[rest] = ids
     out_dist[rest] = dist
     return out_ids, out_dist
+
+
+def exact_method() -> str:
+    """The exact method in use: `EXACT_METHOD`, with "auto" resolved ("amx" when the kernel
+    loads and this CPU runs AMX-BF16, else "threshold")."""
+    if EXACT_METHOD != "auto":
+        return EXACT_METHOD
+    from privtext.mechanisms import amx_search
+
+    return "amx" if amx_search.available() else "threshold"
+
+
+def _amx_search(index: EmbeddingIndex, noisy: np.ndarray, anchors: np.ndarray,
+                k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The threshold search with its collection done by the bf16 AMX kernel (proof in
+    `amx_search`). U starts from the first `TABLE_PROBE` words of the anchor's table row, in
+    the kernel (the anchor only sets where U starts: any real words give the same answer);
+    no table certificate first: at useful ε few points have one, and the 64-word re-rank it
+    needs costs more than the kernel. The collected words are ranked here by `_distances`,
+    ties to the smaller id; points over `CANDIDATE_CAP` take the FAISS certificate."""
+    from privtext.mechanisms import amx_search
+
+    t = len(noisy)
+    width = max(k, min(TABLE_PROBE, index.neighbors))
+    probe = np.asarray(index.neighbor_ids[anchors, :width], dtype=np.int32)
+    cand_q, cand_w, over = amx_search.collect(index, noisy, probe, k, CANDIDATE_CAP)
+    ids = np.zeros((t, k), dtype=np.int64)
+    dist = np.zeros((t, k))
+    if len(cand_q):
+        d = np.concatenate([_distances(index, noisy[cand_q[lo : lo + _PAIRS]], cand_w[lo : lo + _PAIRS])
+                            for lo in range(0, len(cand_q), _PAIRS)])
+        order = np.lexsort((cand_w, d, cand_q))  # by point, then distance, then id
+        q, w, d = cand_q[order], cand_w[order], d[order]
+        first = np.searchsorted(q, np.arange(t))
+        size = np.searchsorted(q, np.arange(t), side="right") - first
+        # The kernel records every word within the final U, which at least k distinct words
+        # are; a point short of k candidates can only be one that went over its cap.
+        short = size < k
+        if (short & ~over).any():
+            raise AssertionError("the AMX kernel returned fewer than k candidates for a point")
+        pick = np.minimum(first[:, None] + np.arange(k), len(q) - 1)
+        ids, dist = w[pick], d[pick]
+    if over.any():
+        ids[over], dist[over] = _certified_search(index, noisy[over], k)
+    return ids, dist
 
 
 def _threshold_is_slower(index: EmbeddingIndex, radius: np.ndarray, k: int) -> bool:
@@ -426,6 +497,69 @@ def _build_hnsw(index: EmbeddingIndex) -> np.ndarray:
     return faiss.serialize_index(graph)
 
 
+def hnsw_method() -> str:
+    """The graph search in use: `HNSW_METHOD` with "auto" resolved."""
+    if HNSW_METHOD != "auto":
+        return HNSW_METHOD
+    from privtext.mechanisms import amx_search
+
+    return "entry" if amx_search.available() else "faiss"
+
+
+def _build_level0(index: EmbeddingIndex) -> np.ndarray:
+    """The bottom layer of the cached HNSW graph as an (n, 2M) int32 table (−1 ends a short
+    list): public data derived from the public vectors."""
+    import faiss
+
+    graph = hnsw_index(index).hnsw
+    width = graph.nb_neighbors(0)
+    neighbors = faiss.vector_to_array(graph.neighbors)
+    offsets = faiss.vector_to_array(graph.offsets).astype(np.int64)
+    # cum_nb_neighbors(0) = 0: each node's level-0 list opens its range.
+    return np.ascontiguousarray(neighbors[offsets[:-1, None] + np.arange(width)], dtype=np.int32)
+
+
+_LEVEL0: dict[str, np.ndarray] = {}
+
+
+def hnsw_level0(index: EmbeddingIndex) -> np.ndarray:
+    """The level-0 table, cached under derived/ with the graph and memory-mapped (workers share
+    it through the page cache); prepare_search() builds it in the parent."""
+    key = str(index.path)
+    if key not in _LEVEL0:
+        # Cheap to derive from the graph: a read-only cache that has the graph but not this
+        # table gets it built in memory instead of an error.
+        _LEVEL0[key] = index.derived_artifact(
+            HNSW_LEVEL0_ARTIFACT, {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "version": 1},
+            _build_level0, uncached_if_read_only=True)
+    return _LEVEL0[key]
+
+
+_VECTORS32: dict[str, np.ndarray] = {}
+
+
+def _graph_search(index: EmbeddingIndex, noisy: np.ndarray, k: int,
+                  ef: int) -> tuple[np.ndarray, np.ndarray]:
+    """`search="hnsw"` with the compiled kernel: each point's nearest word among the first
+    `HNSW_ENTRY_WORDS` words (exact, by the AMX scan) is its entry into the graph's bottom
+    layer, searched best-first keeping `ef` words (`amx_search.graph_search`); the k found are
+    re-ranked in float64. Everything is computed from the noisy point alone (never from the
+    input word: that would not be post-processing). Points are searched sorted by entry word
+    (nearby points walk the same part of the graph while it is in cache); each point's search
+    is independent of the others, so the order changes no answer."""
+    from privtext.mechanisms import amx_search
+
+    key = str(index.path)
+    if key not in _VECTORS32:
+        _VECTORS32[key] = np.ascontiguousarray(index.vectors, dtype=np.float32)
+    entry = amx_search.nearest_of_first(index, noisy, HNSW_ENTRY_WORDS)
+    order = np.argsort(entry, kind="stable")
+    found = np.empty((len(noisy), k), dtype=np.int64)
+    found[order] = amx_search.graph_search(hnsw_level0(index), _VECTORS32[key], noisy[order],
+                                           entry[order], ef, k)
+    return _rerank(index, noisy, found, k)
+
+
 def hnsw_index(index: EmbeddingIndex) -> Any:
     """The HNSW graph of the index's vectors: built once (deterministically, from the public
     vectors) and cached under derived/, then loaded once per process."""
@@ -462,8 +596,13 @@ def measure_recall(index: EmbeddingIndex, noise: Any, ef: int = HNSW_EF_SEARCH, 
     rng = np.random.default_rng(seed)
     count = min(sample, index.n)
     ranks = 1.0 / np.arange(1, index.n + 1, dtype=np.float64)
+    method = hnsw_method()
     result: dict[str, Any] = {"queries_per_sample": count, "efSearch": int(ef), "M": HNSW_M,
                               "efConstruction": HNSW_EF_CONSTRUCTION,
+                              "graph_search": (f"bottom layer entered at the point's nearest of the "
+                                               f"first {HNSW_ENTRY_WORDS} words (compiled kernel)"
+                                               if method == "entry" else
+                                               "FAISS HNSW search from the graph's entry point"),
                               "queries_from": "vocabulary words with the mechanism's noise (public "
                                               "seed, no corpus data)"}
     for label, words in (("uniform", rng.integers(0, index.n, size=count)),

@@ -387,3 +387,30 @@ def test_the_faster_exact_method_is_picked_by_noise_radius(glove_small) -> None:
         ids, _ = nearest_words(glove_small, noisy, anchors, k=2)
         want, _ = brute_force(v, noisy, 2)
         np.testing.assert_array_equal(ids, want)
+
+
+def test_hnsw_recall_is_measured_once_per_mechanism_and_epsilon(index_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from privtext.mechanisms import create
+    from privtext.mechanisms import nearest as nearest_module
+
+    rng = np.random.default_rng(5)
+    index = index_factory(rng.normal(size=(300, 8)))
+    calls: list[float] = []
+    real = nearest_module.measure_recall
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nearest_module, "measure_recall", counting)
+    first = create("laplace", index, 10.0, {"search": "hnsw"})
+    first.prepare()
+    again = create("laplace", index, 10.0, {"search": "hnsw"})
+    again.prepare()
+    assert len(calls) == 1  # the second object read the derived file
+    assert again.search_info() == first.search_info()
+    other = create("laplace", index, 3.0, {"search": "hnsw"})
+    other.prepare()
+    assert len(calls) == 2  # another ε is another noise: measured anew
+    create("vickrey", index, 10.0, {"search": "hnsw"}).prepare()
+    assert len(calls) == 3  # another mechanism: measured anew

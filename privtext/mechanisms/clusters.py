@@ -51,6 +51,7 @@ from privtext.mechanisms.envelope import (
     _search_segments,
     guide_table,
     guided_columns,
+    proposal_rounds,
 )
 from privtext.mechanisms.sampling import open_uniform
 
@@ -64,9 +65,6 @@ DEFAULT_TABLE_CLUSTER_WORDS = 32768
 _KMEANS_ROUNDS = 8
 _BUILD_BATCH = 64
 _REL = 1e-9
-_MAX_ROUND_TRIES = 64
-_SLICE_PROPOSALS = 16384
-_BUSY_ROUND = 4096
 _ROUND_TRIES = 3
 
 
@@ -267,25 +265,9 @@ class ClusterEnvelope:
         else:
             self._terms = {"rows": env.table, "cum": self._table_cum, "list_row": np.arange(self.words),
                            "sorted": np.array(False)}
-        max_tries = env.max_tries
-        pending = np.arange(len(ids))
-        tries = 0
-        k = _ROUND_TRIES
-        while len(pending) and tries < max_tries:
-            if len(pending) <= _BUSY_ROUND and tries:
-                k = min(2 * k, _MAX_ROUND_TRIES)
-            k = min(k, max_tries - tries)
-            still = []
-            step = max(1, _SLICE_PROPOSALS // k)
-            for start in range(0, len(pending), step):
-                tok = pending[start : start + step]
-                got, value = self._round(ids[tok], k, rng)
-                out[tok[got]] = value[got]
-                done[tok[got]] = True
-                still.append(tok[~got])
-            self.proposals += len(pending) * k
-            pending = np.concatenate(still)
-            tries += k
+        out, done, proposals = proposal_rounds(len(ids), _ROUND_TRIES, env.max_tries,
+                                               lambda tok, k: self._round(ids[tok], k, rng))
+        self.proposals += proposals
         return out, done
 
     def _round(self, x: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -74,6 +74,7 @@ history).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -152,7 +153,7 @@ def extended_shape(index: EmbeddingIndex, words: int, width: int | None) -> tupl
     return words, width
 
 
-_PENDING: dict[tuple[str, int, int], np.ndarray] = {}
+_PENDING: dict[tuple[object, ...], np.ndarray] = {}
 
 
 def build_extended(index: EmbeddingIndex, words: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -199,21 +200,29 @@ def build_extended(index: EmbeddingIndex, words: int, width: int) -> tuple[np.nd
     return ids, dist
 
 
-def _extended_artifact(index: EmbeddingIndex, which: int, words: int, width: int) -> np.ndarray:
-    """One of the two arrays of `build_extended`, cached with the index (both come from one
-    build: the second is kept in memory until its own artifact is written)."""
-    key = (str(index.path), words, width)
-
+def paired_artifact(index: EmbeddingIndex, which: int, key: tuple[object, ...], name: str,
+                    params: dict[str, object],
+                    build_pair: Callable[[EmbeddingIndex], tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Array `which` (0 or 1) of a pair that one build makes, cached with the index as its own
+    derived file: building the first keeps the second in memory (under `key`) until its file is
+    written, so the pair is computed once."""
     def build(ix: EmbeddingIndex) -> np.ndarray:
         if which == 1 and key in _PENDING:
             return _PENDING.pop(key)
-        pair = build_extended(ix, words, width)
+        pair = build_pair(ix)
         if which == 0:
             _PENDING[key] = pair[1]
         return pair[which]
 
+    return index.derived_artifact(name, params, build)
+
+
+def _extended_artifact(index: EmbeddingIndex, which: int, words: int, width: int) -> np.ndarray:
+    """One of the two arrays of `build_extended`, cached with the index."""
     name = EXTENDED_IDS_ARTIFACT if which == 0 else EXTENDED_DIST_ARTIFACT
-    return index.derived_artifact(name, {"version": 1, "words": words, "width": width}, build)
+    return paired_artifact(index, which, ("extended", str(index.path), words, width), name,
+                           {"version": 1, "words": words, "width": width},
+                           lambda ix: build_extended(ix, words, width))
 
 
 class EnvelopeSampler:
@@ -429,28 +438,12 @@ class EnvelopeSampler:
 
     def _sample_group(self, ids: np.ndarray, extended: bool, rng: np.random.Generator
                       ) -> tuple[np.ndarray, np.ndarray]:
-        out = np.full(len(ids), -1, dtype=np.int64)
-        done = np.zeros(len(ids), dtype=bool)
         words, inverse = np.unique(ids, return_inverse=True)
         terms = self._word_terms(words, extended)
-        pending = np.arange(len(ids))
-        tries = 0
-        k = self.round_tries
-        while len(pending) and tries < self.max_tries:
-            if len(pending) <= _BUSY_ROUND and tries:
-                k = min(2 * k, _MAX_ROUND_TRIES)
-            k = min(k, self.max_tries - tries)
-            still = []
-            step = max(1, _SLICE_PROPOSALS // k)
-            for start in range(0, len(pending), step):
-                tok = pending[start : start + step]
-                got, value = self._round(ids[tok], inverse[tok], k, terms, rng)
-                out[tok[got]] = value[got]
-                done[tok[got]] = True
-                still.append(tok[~got])
-            self.proposals += len(pending) * k
-            pending = np.concatenate(still)
-            tries += k
+        out, done, proposals = proposal_rounds(
+            len(ids), self.round_tries, self.max_tries,
+            lambda tok, k: self._round(ids[tok], inverse[tok], k, terms, rng))
+        self.proposals += proposals
         return out, done
 
     def _round(self, x: np.ndarray, w: np.ndarray, k: int, terms: dict[str, np.ndarray],
@@ -560,6 +553,37 @@ class EnvelopeSampler:
         width = rows.shape[1]
         j = first_above(rows.reshape(-1), r * width, width, y - 1)  # first entry ≥ y
         return rows[r, np.minimum(j, width - 1)] == y
+
+
+def proposal_rounds(count: int, first_round: int, max_tries: int,
+                    propose: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+                    busy: int = _BUSY_ROUND) -> tuple[np.ndarray, np.ndarray, int]:
+    """Rejection sampling for `count` tokens in rounds: each round gives every pending token k
+    proposals (`propose(tokens, k)` -> (accepted, first accepted output)), k doubling (up to
+    _MAX_ROUND_TRIES) once at most `busy` tokens are pending, in slices of at most
+    _SLICE_PROPOSALS proposals, until every token is done or `max_tries` proposals were made.
+    Returns (outputs, done, proposals made); a token not done must be drawn another way."""
+    out = np.full(count, -1, dtype=np.int64)
+    done = np.zeros(count, dtype=bool)
+    pending = np.arange(count)
+    tries = proposals = 0
+    k = first_round
+    while len(pending) and tries < max_tries:
+        if len(pending) <= busy and tries:
+            k = min(2 * k, _MAX_ROUND_TRIES)
+        k = min(k, max_tries - tries)
+        still = []
+        step = max(1, _SLICE_PROPOSALS // k)
+        for start in range(0, len(pending), step):
+            tok = pending[start : start + step]
+            got, value = propose(tok, k)
+            out[tok[got]] = value[got]
+            done[tok[got]] = True
+            still.append(tok[~got])
+        proposals += len(pending) * k
+        pending = np.concatenate(still)
+        tries += k
+    return out, done, proposals
 
 
 def first_above(flat: np.ndarray, base: np.ndarray, width: int, targets: np.ndarray) -> np.ndarray:

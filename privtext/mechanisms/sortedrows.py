@@ -51,7 +51,12 @@ import math
 import numpy as np
 
 from privtext.index import EmbeddingIndex
-from privtext.mechanisms.envelope import guide_table, guided_columns
+from privtext.mechanisms.envelope import (
+    guide_table,
+    guided_columns,
+    paired_artifact,
+    proposal_rounds,
+)
 from privtext.mechanisms.sampling import open_uniform
 
 SORTED_ORDER_ARTIFACT = "sorted-rows-order"
@@ -67,10 +72,7 @@ _PRIOR_STEP = 0.1
 _RANGE_SHARE = 0.5
 _BUILD_BATCH = 32
 _REL = 1e-9
-_MAX_ROUND_TRIES = 64
-_SLICE_PROPOSALS = 16384
 
-_PENDING: dict[tuple[str, int], np.ndarray] = {}
 
 
 def sorted_shape(index: EmbeddingIndex, words: int | None) -> int:
@@ -148,20 +150,11 @@ def _sorted_artifact(index: EmbeddingIndex, which: int, words: int, log_prior: n
     keyed by the prior's bytes."""
     digest = "flat" if log_prior is None else hashlib.sha256(
         np.ascontiguousarray(log_prior, dtype=np.float64).tobytes()).hexdigest()[:24]
-    key = (str(index.path), words, digest)
-
-    def build(ix: EmbeddingIndex) -> np.ndarray:
-        if which == 1 and key in _PENDING:
-            return _PENDING.pop(key)
-        pair = build_sorted_rows(ix, words, log_prior)
-        if which == 0:
-            _PENDING[key] = pair[1]
-        return pair[which]
-
     name = SORTED_ORDER_ARTIFACT if which == 0 else SORTED_BINS_ARTIFACT
     params = {"version": 1, "words": words, "positions": _BIN_POSITIONS, "width": repr(_BIN_WIDTH),
               "prior_step": repr(_PRIOR_STEP), "prior": digest}
-    return index.derived_artifact(name, params, build)
+    return paired_artifact(index, which, ("sorted", str(index.path), words, digest), name, params,
+                           lambda ix: build_sorted_rows(ix, words, log_prior))
 
 
 class SortedRowSampler:
@@ -227,24 +220,11 @@ class SortedRowSampler:
             return out, done
         self._setup()
         self.tokens += len(ids)
-        pending = np.arange(len(ids))
-        tries = 0
-        k = self.round_tries
-        while len(pending) and tries < self.max_tries:
-            if tries:  # later rounds: fewer tokens, lower acceptance: more proposals each
-                k = min(2 * k, _MAX_ROUND_TRIES)
-            k = min(k, self.max_tries - tries)
-            still = []
-            step = max(1, _SLICE_PROPOSALS // k)
-            for start in range(0, len(pending), step):
-                tok = pending[start : start + step]
-                got, value = self._round(ids[tok], k, rng)
-                out[tok[got]] = value[got]
-                done[tok[got]] = True
-                still.append(tok[~got])
-            self.proposals += len(pending) * k
-            pending = np.concatenate(still)
-            tries += k
+        # Later rounds (fewer tokens, lower acceptance) double their proposals at once.
+        out, done, proposals = proposal_rounds(len(ids), self.round_tries, self.max_tries,
+                                               lambda tok, k: self._round(ids[tok], k, rng),
+                                               busy=len(ids))
+        self.proposals += proposals
         return out, done
 
     def _round(self, x: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -214,10 +214,8 @@ class SortedRowSampler:
         """(outputs, done) for ids < R: outputs[i] is valid where done[i]; the others exhausted
         max_tries and must be drawn by the exact scan (with fresh randomness)."""
         ids = np.asarray(ids, dtype=np.int64)
-        out = np.full(len(ids), -1, dtype=np.int64)
-        done = np.zeros(len(ids), dtype=bool)
         if len(ids) == 0:
-            return out, done
+            return np.full(0, -1, dtype=np.int64), np.zeros(0, dtype=bool)
         self._setup()
         self.tokens += len(ids)
         # Later rounds (fewer tokens, lower acceptance) double their proposals at once.

@@ -288,3 +288,24 @@ def test_merge_keyed_refuses_a_missing_partition() -> None:
     assert merge_keyed({0: part, 1: part}, expected=2).records == 4
     with pytest.raises(UsageError, match="1 of 2 partitions"):
         merge_keyed({0: part}, expected=2)
+
+
+def test_a_shipped_index_copy_whose_process_is_gone_is_removed(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Ray kills its actors, so an actor's unpacked copy outlives it: the next unpack removes it.
+    import tempfile
+
+    from privtext.engines import ray as ray_engine
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    orphan = tmp_path / f"privtext-index-{dead}-abc"
+    alive = tmp_path / f"privtext-index-{os.getppid()}-def"
+    for copy in (orphan, alive):
+        (copy / "sub").mkdir(parents=True)
+        (copy / "sub" / "f").write_bytes(b"x")
+    monkeypatch.setattr(ray_engine, "_UNPACKED", {})
+    root = Path(ray_engine.unpack_index({"manifest.json": b"{}"}, "digest"))
+    assert not orphan.exists() and alive.exists()
+    assert root.parent == tmp_path and root.name.startswith(f"privtext-index-{os.getpid()}-")
+    assert (root / "manifest.json").read_bytes() == b"{}"

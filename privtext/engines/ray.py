@@ -14,7 +14,10 @@ so the report is complete and reading `out_ds` does not perturb again.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -37,17 +40,35 @@ def pack_index(path: str | Path) -> dict[str, bytes]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.suffix != ".lock"}
 
 
+_UNPACK_PREFIX = "privtext-index-"
+
+
 def unpack_index(files: dict[str, bytes], digest: str) -> str:
-    """Write a shipped cache once per process into a private temporary directory."""
+    """Write a shipped cache once per process into a private temporary directory.
+
+    Ray ends its actors with a kill, so an actor cannot remove its copy itself: the directory
+    is named after the process, removed at a normal exit, and any copy whose process is gone is
+    removed by the next actor that unpacks one on this machine."""
     if digest in _UNPACKED:
         return _UNPACKED[digest]
-    root = Path(tempfile.mkdtemp(prefix="privtext-index-"))
+    _remove_orphaned_copies()
+    root = Path(tempfile.mkdtemp(prefix=f"{_UNPACK_PREFIX}{os.getpid()}-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     for rel, data in files.items():
         target = root / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
     _UNPACKED[digest] = str(root)
     return str(root)
+
+
+def _remove_orphaned_copies() -> None:
+    from privtext.run.outputs import pid_alive
+
+    for old in Path(tempfile.gettempdir()).glob(f"{_UNPACK_PREFIX}*-*"):
+        pid = old.name[len(_UNPACK_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 class _Collector:
